@@ -1,0 +1,308 @@
+"""WebDataset tar shards of videos -> batches of uint8 clips.
+
+A sample is ``KEY.mp4`` (or another container) + ``KEY.cls`` (integer label) + optional ``KEY.json``.
+
+Streaming contract:
+- Each (rank, worker) pair is a *slot*. Shards are dealt to slots round-robin; with fewer shards than slots,
+  every slot reads all shards and keeps every ``slots``-th sample instead.
+- Training streams forever: the slot loops over its shards epoch after epoch, reshuffled from
+  (seed, epoch), so every rank can run the same number of steps.
+- Each batch carries its slot's position (epoch, raw samples consumed) and its cumulative skip counts; the
+  trainer stores them in checkpoints and a resumed stream skips exactly the consumed raw samples, without
+  decoding them.
+- A sample that cannot be used (undecodable video, missing or bad label, too few frames, ...) is skipped and
+  counted by kind; it never ends the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from data.video import (
+    VideoDecodeError,
+    crop_boxes,
+    crop_resize,
+    open_video,
+    random_resized_crop_box,
+    read_frames,
+    segment_indices,
+)
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
+SKIP_KINDS = ("decode_error", "missing_video", "missing_label", "bad_label", "too_few_frames", "broken_shard",
+              "unreachable_shard")
+WARN_LIMIT = 5  # warnings logged per skip kind and worker; the rest are only counted
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how clips are sampled and augmented."""
+
+    train_shards: str = "shards/synthetic/train-{000000..000007}.tar"
+    """Training shards: a path, brace pattern, or several joined by '::'."""
+    eval_shards: str = "shards/synthetic/test-{000000..000001}.tar"
+    """Evaluation shards, read once per evaluation, each sample exactly once across ranks."""
+    num_frames: int = 8
+    """Frames per clip (TSN segments)."""
+    min_frames: int = 0
+    """Videos with fewer frames are skipped and counted; 0 means num_frames."""
+    batch_size: int = 16
+    """Clips per rank per micro-step."""
+    eval_batch_size: int = 16
+    """Videos per rank per evaluation step (each with clips x crops views)."""
+    num_workers: int = 2
+    """Data-loader worker processes per rank."""
+    decode_threads: int = 1
+    """decord threads per reader."""
+    shuffle_buffer: int = 256
+    """Samples held for shuffling within a worker (training)."""
+    train_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    """Random-resized-crop area range."""
+    train_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    """Random-resized-crop aspect-ratio range."""
+    hflip: bool = False
+    """Random horizontal flip in training. Off by default: it swaps left/right motion classes."""
+    eval_clips: int = 1
+    """Temporal clips per test video."""
+    eval_crops: int = 1
+    """Spatial crops per test clip (1: centre, 3: start/centre/end)."""
+
+    def __post_init__(self):
+        if self.num_frames < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("data.num_frames, data.batch_size and data.eval_batch_size must be positive")
+        if self.eval_crops not in (1, 3):
+            raise ValueError(f"data.eval_crops must be 1 or 3, got {self.eval_crops}")
+        if self.eval_clips < 1:
+            raise ValueError(f"data.eval_clips must be >= 1, got {self.eval_clips}")
+        if len(self.train_scale) != 2 or not 0 < self.train_scale[0] <= self.train_scale[1] <= 1:
+            raise ValueError(f"data.train_scale must be [low, high] within (0, 1], got {self.train_scale}")
+        if len(self.train_ratio) != 2 or not 0 < self.train_ratio[0] <= self.train_ratio[1]:
+            raise ValueError(f"data.train_ratio must be [low, high] with 0 < low <= high, got {self.train_ratio}")
+
+    @property
+    def views(self) -> int:
+        return self.eval_clips * self.eval_crops
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace patterns and '::'-joined lists -> shard URLs. Local paths must exist."""
+    urls = [url for part in spec.split("::") if part for url in braceexpand.braceexpand(part)]
+    if not urls:
+        raise ValueError(f"no shards in {spec!r}")
+    missing = [u for u in urls if "://" not in u and not Path(u).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]!r} (from {spec!r})")
+    return urls
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; ``kind`` names why (a metrics key)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """Augmentation randomness fixed by (seed, epoch, key): independent of worker count and order."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+def parse_label(sample: dict, num_classes: int) -> int:
+    raw = sample.get("cls")
+    if raw is None:
+        raise SkipSample("missing_label", "no .cls member")
+    try:
+        label = int(raw.decode().strip())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SkipSample("bad_label", f"label {raw[:20]!r} is not an integer") from exc
+    if not 0 <= label < num_classes:
+        raise SkipSample("bad_label", f"label {label} outside [0, {num_classes})")
+    return label
+
+
+def video_bytes(sample: dict) -> bytes:
+    for ext in VIDEO_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    raise SkipSample("missing_video", f"no video member among {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+class VideoClipDecoder:
+    """Raw sample dict -> (frames uint8, label). Training: (T, 3, S, S); test: (views, T, 3, S, S)."""
+
+    def __init__(self, cfg: DataConfig, image_size: int, num_classes: int, train: bool, seed: int):
+        self.cfg, self.size, self.num_classes, self.train, self.seed = cfg, image_size, num_classes, train, seed
+
+    def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, int]:
+        cfg = self.cfg
+        label = parse_label(sample, self.num_classes)
+        try:
+            reader = open_video(video_bytes(sample), cfg.decode_threads)
+            total = len(reader)
+            if total < max(cfg.num_frames, cfg.min_frames):
+                raise SkipSample("too_few_frames", f"{total} frames < {max(cfg.num_frames, cfg.min_frames)}")
+            if self.train:
+                rng = sample_rng(self.seed, epoch, sample["__key__"])
+                frames = read_frames(reader, segment_indices(total, cfg.num_frames, rng=rng))
+                box = random_resized_crop_box(*frames.shape[1:3], rng, tuple(cfg.train_scale), tuple(cfg.train_ratio))
+                clip = crop_resize(frames, box, self.size)
+                if cfg.hflip and rng.random() < 0.5:
+                    clip = clip.flip(-1)
+                return clip, label
+            indices = np.concatenate(
+                [segment_indices(total, cfg.num_frames, clip=c, clips=cfg.eval_clips) for c in range(cfg.eval_clips)]
+            )
+            frames = read_frames(reader, indices)
+            frames = frames.reshape(cfg.eval_clips, cfg.num_frames, *frames.shape[1:])  # (clips, T, H, W, 3)
+        except VideoDecodeError as exc:
+            raise SkipSample("decode_error", str(exc)) from exc
+        boxes = crop_boxes(*frames.shape[2:4], cfg.eval_crops)
+        views = [crop_resize(clip_frames, box, self.size) for clip_frames in frames for box in boxes]
+        return torch.stack(views), label
+
+
+def shuffled(items: Iterator, buffer: int, rng: np.random.Generator) -> Iterator:
+    """Reservoir-style shuffle with a bounded buffer."""
+    pool = []
+    for item in items:
+        pool.append(item)
+        if len(pool) >= buffer:
+            yield pool.pop(int(rng.integers(len(pool))))
+    while pool:
+        yield pool.pop(int(rng.integers(len(pool))))
+
+
+class VideoShards(IterableDataset):
+    """Batches of decoded clips from tar shards, split across ranks and workers (see module docstring).
+
+    Args:
+        urls: shard URLs (local paths or fsspec URLs).
+        resume: slot -> {"epoch", "position", "skips"} saved from an earlier run of the same layout.
+        worker_offset: rotates which slot each worker plays, so a resumed loader keeps the round-robin
+            order of the interrupted one (see ``Trainer``).
+    """
+
+    def __init__(self, urls: list[str], decoder: VideoClipDecoder, batch_size: int, train: bool, seed: int,
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
+                 resume: dict[int, dict] | None = None, worker_offset: int = 0):
+        super().__init__()
+        self.urls, self.decoder, self.batch_size, self.train, self.seed = urls, decoder, batch_size, train, seed
+        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.resume = resume or {}
+        self.worker_offset = worker_offset
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + (worker + self.worker_offset) % workers, self.world_size * workers
+
+    def _raw_samples(self, urls: list[str], skips: Counter) -> Iterator[dict]:
+        for url in urls:
+            reported = []
+
+            def broken(exc: Exception, url=url, reported=reported) -> bool:
+                # webdataset reports one tar error at the member and again at the shard: count the shard once.
+                if not reported:
+                    reported.append(exc)
+                    skips["broken_shard"] += 1
+                    _warn(skips, "broken_shard", f"{url}: {type(exc).__name__}: {str(exc.args[0])[:200]}")
+                return True
+
+            try:
+                stream = fsspec.open(url, "rb").open()
+            except Exception as exc:
+                skips["unreachable_shard"] += 1
+                _warn(skips, "unreachable_shard", f"{url}: {exc}")
+                continue
+            with stream:
+                yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=broken),
+                                         handler=broken)
+
+    def _epoch_samples(self, epoch: int, slot: int, slots: int, skips: Counter) -> Iterator[dict]:
+        urls = list(self.urls)
+        if self.train:
+            np.random.default_rng([self.seed, epoch]).shuffle(urls)
+        if len(urls) >= slots:
+            samples = self._raw_samples(urls[slot::slots], skips)
+        else:
+            samples = (s for i, s in enumerate(self._raw_samples(urls, skips)) if i % slots == slot)
+        if self.train and self.shuffle_buffer > 1:
+            samples = shuffled(samples, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, slot]))
+        return samples
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots = self._slot()
+        state = self.resume.get(slot, {})
+        epoch, skip = state.get("epoch", 0), state.get("position", 0)
+        skips = Counter(state.get("skips", {}))
+        clips, labels, keys = [], [], []
+        while True:
+            position = used = 0
+            for sample in self._epoch_samples(epoch, slot, slots, skips):
+                position += 1
+                if position <= skip:
+                    continue
+                try:
+                    clip, label = self.decoder(sample, epoch)
+                except SkipSample as exc:
+                    skips[exc.kind] += 1
+                    _warn(skips, exc.kind, f"{sample.get('__key__')} in {sample.get('__url__')}: {exc}")
+                    continue
+                used += 1
+                clips.append(clip)
+                labels.append(label)
+                keys.append(sample["__key__"])
+                if len(clips) == self.batch_size:
+                    yield _batch(clips, labels, keys, slot, epoch, position, skips)
+                    clips, labels, keys = [], [], []
+            if not self.train:
+                break
+            if used == 0 and skip == 0:
+                raise RuntimeError(f"slot {slot}: a whole epoch of {self.urls[:3]}... gave no usable sample "
+                                   f"(skipped: {dict(skips)})")
+            epoch, skip = epoch + 1, 0
+        if clips:
+            yield _batch(clips, labels, keys, slot, epoch, position, skips)
+
+
+def _warn(skips: Counter, kind: str, message: str) -> None:
+    if skips[kind] <= WARN_LIMIT:
+        suffix = " (further ones are only counted)" if skips[kind] == WARN_LIMIT else ""
+        log.warning("skipped sample: %s: %s%s", kind, message, suffix)
+
+
+def _batch(clips, labels, keys, slot, epoch, position, skips) -> dict:
+    return {
+        "frames": torch.stack(clips),  # (B, T, 3, S, S) or (B, V, T, 3, S, S), uint8
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "keys": list(keys),
+        "slot": slot,
+        "state": {"epoch": epoch, "position": position, "skips": dict(skips)},
+    }
+
+
+def build_loader(cfg: DataConfig, image_size: int, num_classes: int, train: bool, seed: int, rank: int,
+                 world_size: int, resume: dict[int, dict] | None = None, worker_offset: int = 0) -> DataLoader:
+    """The training (endless) or evaluation (one pass) loader of one rank."""
+    urls = expand_shards(cfg.train_shards if train else cfg.eval_shards)
+    decoder = VideoClipDecoder(cfg, image_size, num_classes, train, seed)
+    dataset = VideoShards(urls, decoder, cfg.batch_size if train else cfg.eval_batch_size, train, seed, rank,
+                          world_size, cfg.shuffle_buffer, resume, worker_offset)
+    workers = cfg.num_workers
+    return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+

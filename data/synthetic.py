@@ -1,0 +1,100 @@
+"""A synthetic video task whose classes are motions, encoded as real H.264 mp4 with PyAV.
+
+Each clip shows a shape of random kind, colour, size and place moving in one of eight ways, plus a static
+distractor over a textured background. Positions and sizes are drawn so that the middle frame has the same
+distribution for every class: no single frame reveals the class, only the order of frames does.
+"""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+
+MOTIONS = ("left", "right", "up", "down", "clockwise", "anticlockwise", "approaching", "receding")
+SHAPES = ("circle", "square", "triangle", "diamond")
+
+
+def encode_mp4(frames: np.ndarray, fps: int = 16, crf: int = 23) -> bytes:
+    """(F, H, W, 3) uint8 RGB -> H.264 mp4 bytes (H and W must be even)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def _mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    dy, dx = yy - cy, xx - cx
+    if shape == "circle":
+        return dy**2 + dx**2 <= r**2
+    if shape == "square":
+        return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    if shape == "diamond":
+        return np.abs(dy) + np.abs(dx) <= r
+    return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)  # triangle, apex up
+
+
+def _trajectory(motion: str, rng: np.random.Generator, size: int, frames: int):
+    """Centres (F, 2) and radii (F,) of the moving shape."""
+    t = np.linspace(0.0, 1.0, frames)
+    if motion in ("approaching", "receding"):
+        small, large = rng.uniform(0.05, 0.09) * size, rng.uniform(0.16, 0.24) * size
+        radius = small + (large - small) * (t if motion == "approaching" else 1 - t)
+        centre = rng.uniform(large, size - large, size=2)
+        return np.tile(centre, (frames, 1)), radius
+    radius = np.full(frames, rng.uniform(0.08, 0.13) * size)
+    r = radius[0]
+    if motion in ("clockwise", "anticlockwise"):
+        orbit = rng.uniform(0.16, 0.24) * size
+        centre = rng.uniform(r + orbit, size - r - orbit, size=2)
+        sweep = rng.uniform(1.2, 1.8) * np.pi * (1 if motion == "clockwise" else -1)
+        angle = rng.uniform(0, 2 * np.pi) + sweep * t  # image y points down: +angle turns clockwise on screen
+        return np.stack([centre[0] + orbit * np.sin(angle), centre[1] + orbit * np.cos(angle)], 1), radius
+    travel = rng.uniform(0.45, 0.62) * size
+    axis = 1 if motion in ("left", "right") else 0
+    sign = 1 if motion in ("right", "down") else -1
+    start = np.empty(2)
+    start[axis] = rng.uniform(r, size - r - travel) + (travel if sign < 0 else 0)
+    start[1 - axis] = rng.uniform(r, size - r)
+    centre = np.tile(start, (frames, 1))
+    centre[:, axis] += sign * travel * t
+    return centre, radius
+
+
+def render_clip(motion: str, rng: np.random.Generator, size: int = 112, frames: int = 32) -> np.ndarray:
+    """One clip of ``motion`` as (frames, size, size, 3) uint8."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    background = rng.uniform(0, 255, size=3)
+    texture = rng.normal(0, 8, size=(size, size, 1))
+    base = np.clip(background + texture, 0, 255)
+    colour, distractor_colour = rng.uniform(0, 255, size=(2, 3))
+    while np.abs(colour - background).sum() < 150:  # keep the moving shape visible
+        colour = rng.uniform(0, 255, size=3)
+    shape, distractor_shape = rng.choice(SHAPES, size=2)
+    d_radius = rng.uniform(0.06, 0.1) * size
+    d_centre = rng.uniform(d_radius, size - d_radius, size=2)
+    base[_mask(distractor_shape, yy, xx, *d_centre, d_radius)] = distractor_colour
+    centres, radii = _trajectory(motion, rng, size, frames)
+    clip = np.empty((frames, size, size, 3), np.uint8)
+    for i in range(frames):
+        frame = base.copy()
+        frame[_mask(shape, yy, xx, *centres[i], radii[i])] = colour
+        clip[i] = frame
+    return clip
+
+
+def synthetic_samples(count: int, seed: int, size: int = 112, frames: int = 32, prefix: str = "clip", start: int = 0):
+    """``count`` (key, "mp4", bytes, label, metadata) samples numbered from ``start``, classes balanced."""
+    rng = np.random.default_rng(seed)
+    for index in range(start, start + count):
+        label = index % len(MOTIONS)
+        clip = render_clip(MOTIONS[label], rng, size, frames)
+        meta = {"motion": MOTIONS[label], "frames": frames, "height": size, "width": size}
+        yield f"{prefix}{index:06d}", "mp4", encode_mp4(clip), label, meta

@@ -1,0 +1,1 @@
+"""Entry points: python -m launch.train, launch.make_shards, launch.make_synthetic."""

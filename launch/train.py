@@ -1,0 +1,50 @@
+"""Train a side network beside a frozen image backbone.
+
+    python -m launch.train [--config configs/NAME.yaml] [key=value ...]
+    deepspeed --num_gpus N --module launch.train --config configs/NAME.yaml [key=value ...]
+
+Without a config file the embedded defaults run: the CPU demo on the synthetic motion shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from trainer.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file overriding the defaults")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+    from trainer.distributed import destroy, init_distributed
+    from trainer.trainer import Trainer
+
+    dist = init_distributed()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, dist)
+        trainer.train()
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

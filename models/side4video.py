@@ -1,0 +1,227 @@
+"""Side4Video: a spatial-temporal side network beside a frozen image ViT (arXiv 2311.15769).
+
+The side stream keeps patch tokens only, laid out channels-last as (B, T, N, d). At every tapped backbone
+block it fuses that block's output (0.5 side + 0.5 projected backbone patches) and runs one side block:
+temporal depthwise conv, spatial attention whose keys include the time-shifted class token, and an MLP.
+No gradient reaches the backbone: its taps arrive without autograd history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class SideConfig:
+    """Shape of the side network; depth equals the number of backbone taps."""
+
+    width: int = 128
+    """Side width d (published: 320 for B/16, 512 for L/14, 576 for E/14)."""
+    heads: int = 0
+    """Attention heads; 0 means width // 64 as published."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of d."""
+    temporal_kernel: int = 3
+    """Kernel size of the depthwise temporal conv and of the stem's time axis."""
+    num_classes: int = 8
+    """Classifier outputs."""
+
+    def __post_init__(self):
+        if self.width < 1 or self.num_classes < 1:
+            raise ValueError("side.width and side.num_classes must be positive")
+        if self.num_heads < 1 or self.width % self.num_heads:
+            raise ValueError(f"side.heads={self.num_heads} must divide side.width={self.width}")
+        if self.temporal_kernel % 2 == 0:
+            raise ValueError(f"side.temporal_kernel must be odd, got {self.temporal_kernel}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads or max(1, self.width // 64)
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm3d over the channel axis of (B, T, N, d) tokens, without a channels-first copy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
+
+
+def shift_class_token(cls: torch.Tensor) -> torch.Tensor:
+    """Half the channels from frame t+1, half from t-1, zeros past the ends. (B, T, d) -> (B, T, d)."""
+    batch, _, width = cls.shape
+    half = width // 2
+    zeros_fwd = cls.new_zeros(batch, 1, half)
+    zeros_bwd = cls.new_zeros(batch, 1, width - half)
+    from_next = torch.cat([cls[:, 1:, :half], zeros_fwd], dim=1)
+    from_prev = torch.cat([zeros_bwd, cls[:, :-1, half:]], dim=1)
+    return torch.cat([from_next, from_prev], dim=-1)
+
+
+class TapFusion(nn.Module):
+    """LayerNorm + Linear from a backbone block's tokens into side width."""
+
+    def __init__(self, backbone_width: int, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(backbone_width)
+        self.proj = nn.Linear(backbone_width, width)
+
+    def forward(self, tokens: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B*T, 1 + N, W) -> class (B, T, d), patches (B, T, N, d)."""
+        projected = self.proj(self.norm(tokens))
+        projected = projected.unflatten(0, (-1, frames))  # (B, T, 1 + N, d)
+        return projected[:, :, 0], projected[:, :, 1:]
+
+
+class TemporalConv(nn.Module):
+    """Norm, pointwise, depthwise conv over time, pointwise."""
+
+    def __init__(self, width: int, kernel: int):
+        super().__init__()
+        self.norm = TokenBatchNorm(width)
+        self.pw_in = nn.Linear(width, width)
+        self.depthwise = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
+        self.pw_out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, frames, tokens, width = x.shape
+        y = self.pw_in(self.norm(x))
+        y = y.permute(0, 2, 3, 1).reshape(batch * tokens, width, frames)  # (B*N, d, T)
+        y = self.depthwise(y)
+        y = y.view(batch, tokens, width, frames).permute(0, 3, 1, 2)  # (B, T, N, d)
+        return self.pw_out(y)
+
+
+class SpatialAttention(nn.Module):
+    """Attention within each frame: patch-token queries; keys/values also see the shifted class token."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, T, 1 + N, d) normed [class, patches] -> (B, T, N, d) update for the patches."""
+        batch, frames, length, width = context.shape
+        qkv = self.in_proj(context).view(batch * frames, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B*T, heads, 1 + N, head_dim)
+        out = F.scaled_dot_product_attention(q[:, :, 1:], k, v)  # (B*T, heads, N, head_dim)
+        out = out.transpose(1, 2).reshape(batch, frames, length - 1, width)
+        return self.out_proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.norm = TokenBatchNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class SideBlock(nn.Module):
+    """One side block: fuse a tap, then temporal, spatial-attention and MLP residual parts."""
+
+    def __init__(self, backbone_width: int, width: int, heads: int, mlp_ratio: float, tokens: int, kernel: int):
+        super().__init__()
+        self.fusion = TapFusion(backbone_width, width)
+        self.temporal = TemporalConv(width, kernel)
+        self.pos_embed = nn.Parameter(torch.zeros(tokens, width))
+        self.attn_norm = nn.LayerNorm(width)
+        self.attn = SpatialAttention(width, heads)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
+        """x (B, T, N, d) side tokens, tap (B*T, 1 + N, W) backbone tokens -> (B, T, N, d)."""
+        cls, patches = self.fusion(tap.to(x.dtype), x.shape[1])
+        x = 0.5 * x + 0.5 * patches
+        x = x + self.temporal(x)
+        context = torch.cat([shift_class_token(cls).unsqueeze(2), x + self.pos_embed], dim=2)  # (B, T, 1+N, d)
+        x = x + self.attn(self.attn_norm(context))
+        return x + self.mlp(x)
+
+
+class Side4Video(nn.Module):
+    """Side network for recognition.
+
+    Args:
+        cfg: side network shape.
+        backbone_width: width W of the frozen model's tokens.
+        patch_size: the frozen model's patch size (the stem uses the same grid).
+        grid: patches per side, so N = grid**2 tokens per frame.
+        depth: number of side blocks = number of backbone taps.
+    """
+
+    def __init__(self, cfg: SideConfig, backbone_width: int, patch_size: int, grid: int, depth: int):
+        super().__init__()
+        width, kernel = cfg.width, cfg.temporal_kernel
+        self.stem = nn.Conv3d(3, width, (kernel, patch_size, patch_size), stride=(1, patch_size, patch_size),
+                              padding=(kernel // 2, 0, 0))
+        self.stem_norm = TokenBatchNorm(width)
+        self.blocks = nn.ModuleList(
+            SideBlock(backbone_width, width, cfg.num_heads, cfg.mlp_ratio, grid * grid, kernel) for _ in range(depth)
+        )
+        self.norm = TokenBatchNorm(width)
+        self.head = nn.Linear(width, cfg.num_classes)
+        self._init_weights(width, depth)
+
+    def _init_weights(self, width: int, depth: int) -> None:
+        std_in = (2 * width) ** -0.5
+        std_out = width**-0.5 * (2 * depth) ** -0.5
+        for block in self.blocks:
+            nn.init.normal_(block.fusion.proj.weight, std=std_in)
+            nn.init.normal_(block.attn.in_proj.weight, std=width**-0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=std_out)
+            nn.init.normal_(block.mlp.fc1.weight, std=std_in)
+            nn.init.normal_(block.mlp.fc2.weight, std=std_out)
+            # Unpublished: the temporal pointwise convs follow the MLP's rule.
+            nn.init.normal_(block.temporal.pw_in.weight, std=std_in)
+            nn.init.normal_(block.temporal.pw_out.weight, std=std_out)
+            nn.init.normal_(block.pos_embed, std=0.01)
+            for linear in (block.fusion.proj, block.attn.in_proj, block.attn.out_proj, block.mlp.fc1,
+                           block.mlp.fc2, block.temporal.pw_in, block.temporal.pw_out):
+                nn.init.zeros_(linear.bias)
+        # LayerNorm and BatchNorm default to weight 1, bias 0, as published.
+
+    def forward_features(self, frames: torch.Tensor, taps: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Run the stem, then one side block per tap as the taps arrive.
+
+        Args:
+            frames: (B, T, 3, H, W) normalised pixels.
+            taps: the backbone's tapped outputs, each (B*T, 1 + N, W), in block order.
+        Returns:
+            (B, T, N, d) side tokens.
+        """
+        x = self.stem(frames.transpose(1, 2))  # (B, d, T, h, w)
+        x = x.flatten(3).permute(0, 2, 3, 1)  # (B, T, N, d)
+        x = self.stem_norm(x)
+        consumed = 0
+        for tap in taps:
+            if consumed == len(self.blocks):
+                raise ValueError(f"backbone yields more taps than the {len(self.blocks)} side blocks")
+            x = self.blocks[consumed](x, tap)
+            consumed += 1
+        if consumed != len(self.blocks):
+            raise ValueError(f"backbone yielded {consumed} taps for {len(self.blocks)} side blocks")
+        return x
+
+    def forward(self, frames: torch.Tensor, taps: Iterable[torch.Tensor]) -> torch.Tensor:
+        """(B, T, 3, H, W) frames + taps -> (B, num_classes) logits."""
+        x = self.norm(self.forward_features(frames, taps))
+        return self.head(x.mean(dim=(1, 2)))
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Norms, biases and position embeddings are not decayed."""
+    return param.ndim <= 1 or name.endswith("pos_embed")
+
+
+def count_params(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny synthetic shards and a tiny run config that exercises the whole stack on CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny but complete configuration: 32 px clips of 4 frames, a 2-block CLIP, a 32-wide side network.
+TINY_FRAMES = 4
+TINY_SIZE = 32
+
+
+def tiny_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
+    values = {
+        "run_dir": str(run_dir),
+        "backbone.name": "tiny",
+        "side.width": 32,
+        "side.num_classes": 8,
+        "data.train_shards": str(shards / "train-{000000..000002}.tar"),
+        "data.eval_shards": str(shards / "test-{000000..000001}.tar"),
+        "data.num_frames": TINY_FRAMES,
+        "data.batch_size": 4,
+        "data.eval_batch_size": 4,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 8,
+        "train.steps": 4,
+        "optim.warmup_steps": 2,
+        "metrics.log_every": 1,
+        "metrics.progress_bar": False,
+        "metrics.tensorboard": False,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """3 unequal training shards (20 clips) and 2 test shards (12 clips) of the synthetic motion task."""
+    from data.synthetic import synthetic_samples
+    from data.writer import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    train = list(synthetic_samples(20, seed=0, size=TINY_SIZE, frames=8, prefix="train"))
+    for index, part in enumerate((train[:9], train[9:15], train[15:])):
+        write_shards(part, out, prefix=f"train-{index:06d}-tmp")
+        (out / f"train-{index:06d}-tmp-000000.tar").rename(out / f"train-{index:06d}.tar")
+    test = list(synthetic_samples(12, seed=1, size=TINY_SIZE, frames=8, prefix="test"))
+    write_shards(test, out, prefix="test", max_count=6)
+    return out
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

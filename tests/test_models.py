@@ -1,0 +1,188 @@
+"""Frozen backbone + side network: shapes, gradients, freezing, interleaving and saved-activation memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+from models import BackboneConfig, SideConfig, build_backbone, build_side_network, count_params, select_taps
+from models.backbone import CLIP_SIZES
+from models.side4video import shift_class_token
+
+FRAMES = 4
+
+
+def build(layers: int = 2, tap_every: int = 1, width: int = 32, **backbone):
+    torch.manual_seed(0)
+    backbone_model = build_backbone(BackboneConfig(name="tiny", num_layers=layers, tap_every=tap_every, **backbone))
+    side = build_side_network(SideConfig(width=width, num_classes=5), backbone_model)
+    return backbone_model, side
+
+
+def clips(batch: int = 2, size: int = 32) -> torch.Tensor:
+    return torch.randn(batch, FRAMES, 3, size, size)  # (B, T, 3, H, W)
+
+
+def run(backbone, side, frames):
+    return side(frames, backbone.iter_taps(frames.flatten(0, 1)))
+
+
+def test_select_taps():
+    assert select_taps(12) == list(range(12))
+    assert select_taps(64, tap_every=2) == list(range(1, 64, 2))  # ViT-E: odd indices, 32 taps
+    assert select_taps(12, tap_layers=[11, 3, 3]) == [3, 11]
+    with pytest.raises(ValueError, match="out of range"):
+        select_taps(4, tap_layers=[4])
+
+
+@pytest.mark.parametrize("tap_every", [1, 2])
+def test_shapes_and_finite(tap_every):
+    backbone, side = build(layers=4, tap_every=tap_every)
+    assert len(side.blocks) == len(backbone.taps) == 4 // tap_every
+    logits = run(backbone, side, clips())
+    assert logits.shape == (2, 5)
+    assert torch.isfinite(logits).all()
+    features = side.forward_features(clips(), backbone.iter_taps(clips().flatten(0, 1)))
+    assert features.shape == (2, FRAMES, backbone.grid**2, 32)  # (B, T, N, d)
+
+
+def test_gradients_reach_every_side_parameter_and_no_backbone_parameter():
+    backbone, side = build()
+    run(backbone, side, clips()).logsumexp(-1).sum().backward()
+    missing = [name for name, p in side.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"side parameters without gradient: {missing}"
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+
+
+def test_backbone_unchanged_by_training_steps():
+    backbone, side = build()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    optimizer = torch.optim.AdamW(side.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(run(backbone, side, clips()), torch.tensor([1, 3]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert not backbone.training  # train() cannot switch the frozen model out of eval mode
+    backbone.train()
+    assert not backbone.training
+
+
+def test_taps_have_no_autograd_history():
+    backbone, _ = build()
+    for tap in backbone.iter_taps(clips().flatten(0, 1)):
+        assert tap.grad_fn is None and not tap.requires_grad
+
+
+@pytest.mark.parametrize("tap_every", [1, 2])
+def test_side_block_runs_as_soon_as_its_tap_exists(tap_every):
+    backbone, side = build(layers=4, tap_every=tap_every)
+    order = []
+    for index, layer in enumerate(backbone.layers):
+        layer.register_forward_hook(lambda *_, i=index: order.append(f"backbone{i}"))
+    for index, block in enumerate(side.blocks):
+        block.register_forward_hook(lambda *_, i=index: order.append(f"side{i}"))
+    run(backbone, side, clips())
+    expected = []
+    for index in range(4):
+        expected.append(f"backbone{index}")
+        if index in backbone.taps:
+            expected.append(f"side{backbone.taps.index(index)}")
+    assert order == expected
+
+
+def saved_bytes(layers: int, tap_every: int) -> int:
+    """Bytes of all tensors autograd keeps for backward during one training forward."""
+    backbone, side = build(layers=layers, tap_every=tap_every)
+    frames = clips()
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(backbone, side, frames).sum()
+    return sum(storages.values())
+
+
+def test_frozen_depth_adds_no_saved_activation_memory():
+    # Doubling the frozen depth with the same taps count saves exactly the same tensors...
+    assert saved_bytes(layers=4, tap_every=2) == saved_bytes(layers=2, tap_every=1)
+    # ...and tapping more blocks grows it by exactly one side block + tap per extra tap.
+    one, two, four = saved_bytes(1, 1), saved_bytes(2, 1), saved_bytes(4, 1)
+    per_tap = two - one
+    assert per_tap > 0
+    assert four == one + 3 * per_tap
+
+
+def test_shift_class_token():
+    cls = torch.arange(3, dtype=torch.float32).view(1, 3, 1).expand(1, 3, 4).clone()  # frame t holds value t
+    shifted = shift_class_token(cls)
+    assert shifted[0, :, :2].tolist() == [[1, 1], [2, 2], [0, 0]]  # first half from t+1, zero at the end
+    assert shifted[0, :, 2:].tolist() == [[0, 0], [0, 0], [1, 1]]  # second half from t-1, zero at the start
+
+
+def test_published_side_network_sizes():
+    with torch.device("meta"):
+        b16 = build_backbone(BackboneConfig(name="vit-b16"))
+        side_b16 = build_side_network(SideConfig(width=320, num_classes=174), b16)
+        l14 = build_backbone(BackboneConfig(name="vit-l14"))
+        side_l14 = build_side_network(SideConfig(width=512, num_classes=174), l14)
+    assert len(side_b16.blocks) == 12 and side_b16.blocks[0].attn.heads == 5
+    assert len(side_l14.blocks) == 24 and side_l14.blocks[0].attn.heads == 8
+    assert 19e6 < count_params(side_b16) < 24e6  # published: about 21M
+    assert 95e6 < count_params(side_l14) < 110e6  # published: about 102M
+    assert count_params(b16) == 0
+
+
+def test_published_initialisation():
+    _, side = build(layers=4, width=64)
+    block = side.blocks[0]
+    width, depth = 64, 4
+    assert block.fusion.proj.weight.std().item() == pytest.approx((2 * width) ** -0.5, rel=0.1)
+    assert block.attn.out_proj.weight.std().item() == pytest.approx(width**-0.5 * (2 * depth) ** -0.5, rel=0.1)
+    assert block.pos_embed.std().item() == pytest.approx(0.01, rel=0.1)
+    assert torch.equal(block.attn_norm.weight, torch.ones(width))
+
+
+def test_sdpa_and_eager_backbones_agree():
+    frames = clips().flatten(0, 1)
+    torch.manual_seed(0)
+    sdpa = build_backbone(BackboneConfig(name="tiny", attn_implementation="sdpa"))
+    eager = build_backbone(BackboneConfig(name="tiny", attn_implementation="eager"))
+    eager.load_state_dict(sdpa.state_dict())
+    for a, b in zip(sdpa(frames), eager(frames)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["clip", "vision"])
+def test_loads_local_pretrained_directory(tmp_path, layout):
+    tiny = CLIP_SIZES["tiny"]
+    if layout == "clip":  # a full CLIP checkpoint directory, as published
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+        model = CLIPModel(CLIPConfig(vision_config=tiny, text_config=text, projection_dim=32))
+        source = model.vision_model
+    else:
+        model = source = CLIPVisionModel(CLIPVisionConfig(**tiny))
+    model.save_pretrained(tmp_path)
+    backbone = build_backbone(BackboneConfig(pretrained_dir=str(tmp_path), tap_layers=[1]))
+    assert backbone.taps == [1]
+    for ours, theirs in zip(backbone.parameters(), [*source.embeddings.parameters(), *source.pre_layrnorm.parameters(),
+                                                     *source.encoder.parameters()]):
+        assert torch.equal(ours, theirs)
+    assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_pretrained_directory_missing_weights_is_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    CLIPVisionModel(CLIPVisionConfig(**CLIP_SIZES["tiny"])).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = {k: v for k, v in weights.items() if "layers.1." not in k}
+    save_file(dropped, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks .* vision weights"):
+        build_backbone(BackboneConfig(pretrained_dir=str(tmp_path)))

@@ -1,0 +1,107 @@
+"""The whole stack through its entry point, as real processes: one rank, and two ranks under DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.writer import write_shards
+from tests.conftest import REPO, tiny_overrides
+
+
+def launch(args: list[str], timeout: int = 300, ranks: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    if ranks == 1:
+        command = [sys.executable, "-m", "launch.train", *args]
+    else:
+        deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+        port = str(29500 + os.getpid() % 1000)
+        command = [deepspeed, "--num_gpus", str(ranks), "--master_port", port, "--module", "launch.train", *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_process_run_writes_the_run_directory_and_counts_bad_samples(tiny_shards, tmp_path):
+    bad = tmp_path / "bad"
+    write_shards([("junk", "mp4", b"not a video" * 9, 1, {}), ("nolabel", "mp4", b"", "x", {})], bad, prefix="bad")
+    run_dir = tmp_path / "run"
+    train = f"{tiny_shards}/train-{{000000..000002}}.tar::{bad}/bad-000000.tar"
+    # 6 steps x 4 clips > one epoch of 20 good samples, so the two bad ones have been met.
+    extra = {"data.train_shards": train, "train.steps": 6, "checkpoint.every": 3, "metrics.tensorboard": True}
+    result = launch(tiny_overrides(tiny_shards, run_dir, **extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert (run_dir / "config.yaml").is_file()
+    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    train_records = [r for r in records(run_dir) if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] > 0 and r["clips_per_s"] > 0 and r["peak_mem_gb"] > 0 for r in train_records)
+    last = train_records[-1]
+    assert last["skipped/decode_error"] >= 1 and last["skipped/bad_label"] >= 1
+    assert last["skipped"] == last["skipped/decode_error"] + last["skipped/bad_label"]
+
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert evaluation["num_videos"] == 12 and evaluation["step"] == 6
+    for key in ("top1", "top5", "top1_frame_shuffled", "top1_single_frame"):
+        assert 0.0 <= evaluation[key] <= 1.0
+    assert set(evaluation["skipped_train_samples"]) == {"decode_error", "bad_label"}
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000006"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000003", "step00000006"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train.stpes=3"], "train.stpes"),
+        (["data.batch_size=many"], "data.batch_size"),
+        (["--config", "configs/missing.yaml"], "configs/missing.yaml"),
+    ],
+)
+def test_config_errors_exit_cleanly(args, message):
+    result = launch(args, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_shards_exit_cleanly(tiny_shards, tmp_path):
+    args = tiny_overrides(tiny_shards, tmp_path / "run", **{"data.train_shards": str(tmp_path / "none-{0..3}.tar")})
+    result = launch(args, timeout=120)
+    assert result.returncode == 2
+    assert "4 of 4 shards do not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_rank_deepspeed_run_resumes_with_the_same_next_step_loss(tiny_shards, tmp_path):
+    common = {"train.steps": 6, "checkpoint.every": 3, "checkpoint.keep": 3, "data.num_workers": 2,
+              "eval.temporal_check": False}
+    full = tmp_path / "full"
+    result = launch(tiny_overrides(tiny_shards, full, **common), ranks=2, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 rank(s)" in result.stdout + result.stderr
+    # Both ranks wrote their optimizer partition and their own data position.
+    checkpoint = full / "checkpoints" / "step00000003"
+    assert len(list(checkpoint.glob("*optim_states.pt"))) == 2
+    assert len(list(checkpoint.glob("train_state_rank*.json"))) == 2
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, resumed / "checkpoints" / checkpoint.name)
+    (resumed / "checkpoints" / "latest").write_text(checkpoint.name)
+    result = launch(tiny_overrides(tiny_shards, resumed, **common), ranks=2, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    full_losses = {r["step"]: r["loss"] for r in records(full) if "loss" in r}
+    resumed_losses = {r["step"]: r["loss"] for r in records(resumed) if "loss" in r}
+    assert sorted(resumed_losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-6, abs=1e-6)
+    assert full_losses[4] != pytest.approx(full_losses[1])

@@ -1,0 +1,93 @@
+"""Checkpoints of the side-network engine plus each rank's training state.
+
+Layout: ``run_dir/checkpoints/step00000100/`` holds DeepSpeed's files (model, optimizer, scheduler) and one
+``train_state_rankNNNNN.json`` per rank (step, data position). ``latest`` names the newest checkpoint and is
+written only after every rank has finished writing, so an interrupted save never becomes the one resumed.
+The frozen backbone is not saved: it is rebuilt from its config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.distributed import DistInfo, barrier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save and what to resume from."""
+
+    every: int = 0
+    """Optimizer steps between checkpoints; 0 saves only at the end of training."""
+    keep: int = 2
+    """Newest checkpoints kept on disk (older ones are deleted after a complete save)."""
+    resume: bool = True
+    """Resume from run_dir/checkpoints/latest when it exists."""
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+
+
+class Checkpointer:
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        self.dir = run_dir / "checkpoints"
+
+    def should_save(self, step: int) -> bool:
+        return self.cfg.every > 0 and step % self.cfg.every == 0
+
+    def latest_tag(self) -> str | None:
+        latest = self.dir / "latest"
+        return latest.read_text().strip() if latest.is_file() else None
+
+    def save(self, engine, step: int, train_state: dict) -> Path:
+        """Save on every rank (DeepSpeed requires it); mark complete once all ranks are done."""
+        tag = f"step{step:08d}"
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"step": step}, save_latest=False)
+        path = self.dir / tag
+        _atomic_write(path / f"train_state_rank{self.dist.rank:05d}.json", json.dumps(train_state))
+        barrier()
+        if self.dist.is_main:
+            _atomic_write(self.dir / "latest", tag)
+            self._prune(keep_tag=tag)
+        barrier()
+        return path
+
+    def load(self, engine) -> dict | None:
+        """Restore the newest complete checkpoint into ``engine``; return this rank's training state."""
+        tag = self.latest_tag() if self.cfg.resume else None
+        if tag is None:
+            return None
+        loaded, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"checkpoint {self.dir / tag} named by 'latest' could not be loaded")
+        state_file = self.dir / tag / f"train_state_rank{self.dist.rank:05d}.json"
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+        else:
+            log.warning("%s has no state for rank %d (world size changed?): data restarts from its beginning",
+                        tag, self.dist.rank)
+            state = {"step": client["step"]}
+        log.info("resumed from %s at step %d", self.dir / tag, state["step"])
+        return state
+
+    def _prune(self, keep_tag: str) -> None:
+        tags = sorted(p for p in self.dir.glob("step*") if p.is_dir())
+        for old in tags[: -self.cfg.keep]:
+            if old.name != keep_tag:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

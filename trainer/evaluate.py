@@ -1,0 +1,99 @@
+"""Evaluation: multi-view top-1/top-5 over every test video once, and BEVT's temporal-dependency check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.video import normalize
+from trainer.distributed import all_gather_objects
+
+FRAME_ORDERS = ("original", "frame_shuffled", "single_frame")
+
+
+@dataclass
+class EvalConfig:
+    """Periodic and final evaluation."""
+
+    every: int = 0
+    """Optimizer steps between evaluations; 0 evaluates only at the end."""
+    temporal_check: bool = True
+    """At the end, also evaluate with frames shuffled within each clip and with one frame repeated."""
+    seed: int = 1234
+    """Seed of the frame shuffles, so the check is reproducible."""
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+
+
+def reorder_frames(frames: torch.Tensor, order: str, generator: torch.Generator) -> torch.Tensor:
+    """Destroy temporal information on purpose. frames: (..., T, 3, H, W)."""
+    if order == "original":
+        return frames
+    num = frames.shape[-4]
+    if order == "single_frame":
+        middle = frames[..., num // 2 : num // 2 + 1, :, :, :]
+        return middle.expand_as(frames)
+    if order == "frame_shuffled":
+        leading = frames.shape[:-4]
+        flat = frames.reshape(-1, *frames.shape[-4:])  # (clips, T, 3, H, W)
+        perms = torch.argsort(torch.rand(flat.shape[0], num, generator=generator), dim=1)
+        shuffled = flat[torch.arange(flat.shape[0])[:, None], perms]
+        return shuffled.reshape(*leading, *frames.shape[-4:])
+    raise ValueError(f"unknown frame order {order!r}; known: {FRAME_ORDERS}")
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, scores.shape[1])
+    topk = np.argsort(-scores, axis=1)[:, :k]
+    return float((topk == labels[:, None]).any(axis=1).mean())
+
+
+@torch.no_grad()
+def evaluate(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[dict],
+    device: torch.device,
+    dtype: torch.dtype,
+    order: str = "original",
+    seed: int = 0,
+) -> dict:
+    """Score every video of ``batches`` (this rank's share), gather all ranks' scores, compute accuracy.
+
+    Args:
+        predict: (N, T, 3, H, W) normalised clips -> (N, classes) logits.
+        batches: loader batches with ``frames`` (B, V, T, 3, H, W) uint8, ``labels`` and ``keys``.
+    Returns:
+        ``top1``, ``top5`` and ``num_videos`` over the union of all ranks (each key counted once).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    keys, scores, labels = [], [], []
+    for batch in batches:
+        frames = reorder_frames(batch["frames"], order, generator)
+        videos, views = frames.shape[:2]
+        clips = normalize(frames.to(device, non_blocking=True).flatten(0, 1), dtype)  # (B*V, T, 3, H, W)
+        probs = predict(clips).float().softmax(-1).view(videos, views, -1).mean(1)  # views averaged
+        keys.extend(batch["keys"])
+        scores.append(probs.cpu().numpy())
+        labels.append(batch["labels"].numpy())
+    local = (keys, np.concatenate(scores) if scores else None, np.concatenate(labels) if labels else None)
+    merged_scores, merged_labels, seen = {}, {}, set()
+    for rank_keys, rank_scores, rank_labels in all_gather_objects(local):
+        for i, key in enumerate(rank_keys):
+            if key not in seen:  # a key seen twice would be a data-splitting bug; count it once
+                seen.add(key)
+                merged_scores[key], merged_labels[key] = rank_scores[i], rank_labels[i]
+    if not seen:
+        return {"top1": 0.0, "top5": 0.0, "num_videos": 0}
+    ordered = sorted(seen)
+    all_scores = np.stack([merged_scores[k] for k in ordered])
+    all_labels = np.array([merged_labels[k] for k in ordered])
+    return {
+        "top1": topk_accuracy(all_scores, all_labels, 1),
+        "top5": topk_accuracy(all_scores, all_labels, 5),
+        "num_videos": len(ordered),
+    }

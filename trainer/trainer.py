@@ -1,0 +1,182 @@
+"""The trainer: a frozen backbone feeding a side network trained in one DeepSpeed engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+
+from data.shards import SKIP_KINDS, build_loader
+from data.video import normalize
+from models import build_backbone, build_side_network, count_params
+from trainer.checkpoint import Checkpointer
+from trainer.config import RunConfig, dump_config, resolve_deepspeed_config
+from trainer.distributed import DistInfo, all_reduce_sum
+from trainer.evaluate import FRAME_ORDERS, evaluate
+from trainer.metrics import MetricsLogger, peak_memory_bytes
+from trainer.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.train.seed)
+
+        self.backbone = build_backbone(cfg.backbone).to(dist.device)
+        side = build_side_network(cfg.side, self.backbone)
+        bf16_ok = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        ds_config = resolve_deepspeed_config(cfg, dist.world_size, bf16_ok)
+        self.dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
+                      else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+        optimizer = build_optimizer(cfg.optim, side)
+        scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=side, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, dist)
+        state = self.checkpointer.load(self.engine) or {}
+        self.step: int = state.get("step", 0)
+        self.batches_seen: int = state.get("batches_seen", 0)
+        self.data_state: dict[int, dict] = {int(k): v for k, v in state.get("data", {}).items()}
+
+        self.metrics = MetricsLogger(cfg.metrics, self.run_dir, dist.is_main, cfg.train.steps, self.step)
+        if dist.is_main:
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.metrics.write(
+            f"backbone {cfg.backbone.pretrained_dir or cfg.backbone.name}: {count_params(self.backbone, False):,} "
+            f"frozen params, taps {self.backbone.taps}; side network: {count_params(side):,} trainable params; "
+            f"{dist.world_size} rank(s) on {dist.device.type}, {self.dtype}"
+        )
+
+    # -- model -------------------------------------------------------------------------------------------------
+
+    def predict(self, clips: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W) normalised clips -> (B, classes) logits; side block i runs right after tap i."""
+        return self.engine(clips, self.backbone.iter_taps(clips.flatten(0, 1)))
+
+    # -- training ----------------------------------------------------------------------------------------------
+
+    def train_step(self, batches: Iterator[dict]) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (on device)."""
+        total = torch.zeros((), device=self.dist.device)
+        for _ in range(self.cfg.train.grad_accum):
+            batch = next(batches)
+            self.data_state[batch["slot"]] = batch["state"]
+            self.batches_seen += 1
+            clips = normalize(batch["frames"].to(self.dist.device, non_blocking=True), self.dtype)
+            logits = self.predict(clips)
+            loss = F.cross_entropy(logits.float(), batch["labels"].to(self.dist.device),
+                                   label_smoothing=self.cfg.train.label_smoothing)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        return total / self.cfg.train.grad_accum
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        batches = iter(self._loader(train=True))
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        saved_at = None
+        while self.step < cfg.train.steps:
+            loss = self.train_step(batches).item()
+            self.step += 1
+            window_loss, window_steps = window_loss + loss, window_steps + 1
+            self.metrics.step_done(loss)
+            if self.metrics.should_log(self.step) or self.step == cfg.train.steps:
+                self._log_train(window_loss / window_steps, window_steps, time.perf_counter() - window_start)
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                self.metrics.log(self.step, {f"eval/{k}": v for k, v in self.evaluate().items()})
+            if self.checkpointer.should_save(self.step):
+                self.save()
+                saved_at = self.step
+        if saved_at != self.step:
+            self.save()
+        return self.final_evaluation()
+
+    def save(self) -> None:
+        state = {"step": self.step, "batches_seen": self.batches_seen, "data": self.data_state}
+        path = self.checkpointer.save(self.engine, self.step, state)
+        self.metrics.write(f"step {self.step}: checkpoint {path}")
+
+    def _log_train(self, loss: float, steps: int, seconds: float) -> None:
+        world = self.dist.world_size
+        skipped = self._skip_counts()
+        reduced = all_reduce_sum([loss, *skipped], self.dist.device)
+        peak = all_reduce_sum([peak_memory_bytes(self.dist.device)], self.dist.device)[0] / world
+        clips = self.cfg.data.batch_size * self.cfg.train.grad_accum * world * steps
+        values = {
+            "loss": reduced[0] / world,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+            "clips_per_s": clips / max(seconds, 1e-9),
+            "peak_mem_gb": peak / 2**30,
+            "skipped": int(sum(reduced[1:])),
+        }
+        values.update({f"skipped/{kind}": int(n) for kind, n in zip(SKIP_KINDS, reduced[1:]) if n})
+        self.metrics.log(self.step, values)
+
+    def _skip_counts(self) -> list[int]:
+        totals = dict.fromkeys(SKIP_KINDS, 0)
+        for state in self.data_state.values():
+            for kind, count in state.get("skips", {}).items():
+                totals[kind] = totals.get(kind, 0) + count
+        return [totals[kind] for kind in SKIP_KINDS]
+
+    def _loader(self, train: bool):
+        cfg = self.cfg
+        workers = max(1, cfg.data.num_workers)
+        # A resumed loader's worker w plays the slot whose batch the interrupted run would have taken next,
+        # so the round-robin order over workers continues unchanged.
+        return build_loader(cfg.data, self.backbone.image_size, cfg.side.num_classes, train, cfg.train.seed,
+                            self.dist.rank, self.dist.world_size, resume=self.data_state if train else None,
+                            worker_offset=self.batches_seen % workers if train else 0)
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+
+    def evaluate(self, order: str = "original") -> dict:
+        self.engine.eval()
+        try:
+            return evaluate(self.predict, self._loader(train=False), self.dist.device, self.dtype, order,
+                            self.cfg.eval.seed)
+        finally:
+            self.engine.train()
+
+    def final_evaluation(self) -> dict:
+        """Evaluate the trained model (and, if configured, with temporal information removed); write eval.json."""
+        orders = FRAME_ORDERS if self.cfg.eval.temporal_check else ("original",)
+        result = {"step": self.step, "views": self.cfg.data.views}
+        for order in orders:
+            metrics = self.evaluate(order)
+            if order == "original":
+                result.update(metrics)
+            else:
+                result[f"top1_{order}"] = metrics["top1"]
+                result[f"top5_{order}"] = metrics["top5"]
+        skipped = all_reduce_sum(self._skip_counts(), self.dist.device)
+        result["skipped_train_samples"] = {kind: int(n) for kind, n in zip(SKIP_KINDS, skipped) if n}
+        self.metrics.log(self.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        if self.dist.is_main:
+            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        self.metrics.write(f"final evaluation: {json.dumps(result)}")
+        return result
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if torch.is_tensor(value) else value)
