@@ -43,8 +43,15 @@ from data.video import (
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
-SKIP_KINDS = ("decode_error", "missing_video", "missing_label", "bad_label", "too_few_frames", "broken_shard",
-              "unreachable_shard")
+SKIP_KINDS = (
+    "decode_error",
+    "missing_video",
+    "missing_label",
+    "bad_label",
+    "too_few_frames",
+    "broken_shard",
+    "unreachable_shard",
+)
 WARN_LIMIT = 5  # warnings logged per skip kind and worker; the rest are only counted
 
 
@@ -70,7 +77,7 @@ class DataConfig:
     """decord threads per reader."""
     shuffle_buffer: int = 256
     """Samples held for shuffling within a worker (training)."""
-    train_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    train_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     """Random-resized-crop area range."""
     train_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     """Random-resized-crop aspect-ratio range."""
@@ -91,7 +98,9 @@ class DataConfig:
         if len(self.train_scale) != 2 or not 0 < self.train_scale[0] <= self.train_scale[1] <= 1:
             raise ValueError(f"data.train_scale must be [low, high] within (0, 1], got {self.train_scale}")
         if len(self.train_ratio) != 2 or not 0 < self.train_ratio[0] <= self.train_ratio[1]:
-            raise ValueError(f"data.train_ratio must be [low, high] with 0 < low <= high, got {self.train_ratio}")
+            raise ValueError(
+                f"data.train_ratio must be [low, high] with 0 < low <= high, got {self.train_ratio}"
+            )
 
     @property
     def views(self) -> int:
@@ -105,7 +114,9 @@ def expand_shards(spec: str) -> list[str]:
         raise ValueError(f"no shards in {spec!r}")
     missing = [u for u in urls if "://" not in u and not Path(u).exists()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]!r} (from {spec!r})")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]!r} (from {spec!r})"
+        )
     return urls
 
 
@@ -139,14 +150,22 @@ def video_bytes(sample: dict) -> bytes:
     for ext in VIDEO_EXTENSIONS:
         if ext in sample:
             return sample[ext]
-    raise SkipSample("missing_video", f"no video member among {sorted(k for k in sample if not k.startswith('__'))}")
+    raise SkipSample(
+        "missing_video", f"no video member among {sorted(k for k in sample if not k.startswith('__'))}"
+    )
 
 
 class VideoClipDecoder:
     """Raw sample dict -> (frames uint8, label). Training: (T, 3, S, S); test: (views, T, 3, S, S)."""
 
     def __init__(self, cfg: DataConfig, image_size: int, num_classes: int, train: bool, seed: int):
-        self.cfg, self.size, self.num_classes, self.train, self.seed = cfg, image_size, num_classes, train, seed
+        self.cfg, self.size, self.num_classes, self.train, self.seed = (
+            cfg,
+            image_size,
+            num_classes,
+            train,
+            seed,
+        )
 
     def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, int]:
         cfg = self.cfg
@@ -159,13 +178,18 @@ class VideoClipDecoder:
             if self.train:
                 rng = sample_rng(self.seed, epoch, sample["__key__"])
                 frames = read_frames(reader, segment_indices(total, cfg.num_frames, rng=rng))
-                box = random_resized_crop_box(*frames.shape[1:3], rng, tuple(cfg.train_scale), tuple(cfg.train_ratio))
+                box = random_resized_crop_box(
+                    *frames.shape[1:3], rng, tuple(cfg.train_scale), tuple(cfg.train_ratio)
+                )
                 clip = crop_resize(frames, box, self.size)
                 if cfg.hflip and rng.random() < 0.5:
                     clip = clip.flip(-1)
                 return clip, label
             indices = np.concatenate(
-                [segment_indices(total, cfg.num_frames, clip=c, clips=cfg.eval_clips) for c in range(cfg.eval_clips)]
+                [
+                    segment_indices(total, cfg.num_frames, clip=c, clips=cfg.eval_clips)
+                    for c in range(cfg.eval_clips)
+                ]
             )
             frames = read_frames(reader, indices)
             frames = frames.reshape(cfg.eval_clips, cfg.num_frames, *frames.shape[1:])  # (clips, T, H, W, 3)
@@ -197,11 +221,27 @@ class VideoShards(IterableDataset):
             order of the interrupted one (see ``Trainer``).
     """
 
-    def __init__(self, urls: list[str], decoder: VideoClipDecoder, batch_size: int, train: bool, seed: int,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                 resume: dict[int, dict] | None = None, worker_offset: int = 0):
+    def __init__(
+        self,
+        urls: list[str],
+        decoder: VideoClipDecoder,
+        batch_size: int,
+        train: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 0,
+        resume: dict[int, dict] | None = None,
+        worker_offset: int = 0,
+    ):
         super().__init__()
-        self.urls, self.decoder, self.batch_size, self.train, self.seed = urls, decoder, batch_size, train, seed
+        self.urls, self.decoder, self.batch_size, self.train, self.seed = (
+            urls,
+            decoder,
+            batch_size,
+            train,
+            seed,
+        )
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.resume = resume or {}
         self.worker_offset = worker_offset
@@ -230,8 +270,9 @@ class VideoShards(IterableDataset):
                 _warn(skips, "unreachable_shard", f"{url}: {exc}")
                 continue
             with stream:
-                yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=broken),
-                                         handler=broken)
+                yield from group_by_keys(
+                    tar_file_expander([{"url": url, "stream": stream}], handler=broken), handler=broken
+                )
 
     def _epoch_samples(self, epoch: int, slot: int, slots: int, skips: Counter) -> Iterator[dict]:
         urls = list(self.urls)
@@ -273,8 +314,10 @@ class VideoShards(IterableDataset):
             if not self.train:
                 break
             if used == 0 and skip == 0:
-                raise RuntimeError(f"slot {slot}: a whole epoch of {self.urls[:3]}... gave no usable sample "
-                                   f"(skipped: {dict(skips)})")
+                raise RuntimeError(
+                    f"slot {slot}: a whole epoch of {self.urls[:3]}... gave no usable sample "
+                    f"(skipped: {dict(skips)})"
+                )
             epoch, skip = epoch + 1, 0
         if clips:
             yield _batch(clips, labels, keys, slot, epoch, position, skips)
@@ -296,13 +339,31 @@ def _batch(clips, labels, keys, slot, epoch, position, skips) -> dict:
     }
 
 
-def build_loader(cfg: DataConfig, image_size: int, num_classes: int, train: bool, seed: int, rank: int,
-                 world_size: int, resume: dict[int, dict] | None = None, worker_offset: int = 0) -> DataLoader:
+def build_loader(
+    cfg: DataConfig,
+    image_size: int,
+    num_classes: int,
+    train: bool,
+    seed: int,
+    rank: int,
+    world_size: int,
+    resume: dict[int, dict] | None = None,
+    worker_offset: int = 0,
+) -> DataLoader:
     """The training (endless) or evaluation (one pass) loader of one rank."""
     urls = expand_shards(cfg.train_shards if train else cfg.eval_shards)
     decoder = VideoClipDecoder(cfg, image_size, num_classes, train, seed)
-    dataset = VideoShards(urls, decoder, cfg.batch_size if train else cfg.eval_batch_size, train, seed, rank,
-                          world_size, cfg.shuffle_buffer, resume, worker_offset)
+    dataset = VideoShards(
+        urls,
+        decoder,
+        cfg.batch_size if train else cfg.eval_batch_size,
+        train,
+        seed,
+        rank,
+        world_size,
+        cfg.shuffle_buffer,
+        resume,
+        worker_offset,
+    )
     workers = cfg.num_workers
     return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
-

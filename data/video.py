@@ -52,7 +52,9 @@ def segment_indices(
         raise ValueError(f"{total} frames cannot give {segments} segments")
     length = total / segments
     starts = np.arange(segments) * length
-    offsets = rng.random(segments) * length if rng is not None else np.full(segments, (clip + 0.5) / clips * length)
+    offsets = (
+        rng.random(segments) * length if rng is not None else np.full(segments, (clip + 0.5) / clips * length)
+    )
     return np.minimum((starts + offsets).astype(np.int64), total - 1)
 
 
@@ -103,7 +105,9 @@ def crop_resize(frames: np.ndarray, box: Box, size: int) -> torch.Tensor:
     clip = torch.from_numpy(np.ascontiguousarray(frames[:, top : top + h, left : left + w]))
     clip = clip.permute(0, 3, 1, 2)  # (T, 3, h, w)
     if (h, w) != (size, size):
-        clip = F.interpolate(clip.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        clip = F.interpolate(
+            clip.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         clip = clip.round_().clamp_(0, 255).to(torch.uint8)
     return clip.contiguous()
 

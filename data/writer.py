@@ -15,8 +15,13 @@ def safe_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
 
-def write_shards(samples: Iterable[tuple[str, str, bytes, int, dict]], out_dir: str | Path, prefix: str = "shard",
-                 max_bytes: int | None = None, max_count: int | None = None) -> list[Path]:
+def write_shards(
+    samples: Iterable[tuple[str, str, bytes, int, dict]],
+    out_dir: str | Path,
+    prefix: str = "shard",
+    max_bytes: int | None = None,
+    max_count: int | None = None,
+) -> list[Path]:
     """Write (key, container extension, video bytes, label, metadata) samples to ``out_dir/prefix-%06d.tar``.
 
     Returns the shard paths written.
@@ -27,8 +32,14 @@ def write_shards(samples: Iterable[tuple[str, str, bytes, int, dict]], out_dir: 
     written: list[Path] = []
     with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), verbose=0, **limits) as sink:
         for key, extension, video, label, meta in samples:
-            sink.write({"__key__": safe_key(key), extension: video, "cls": str(label).encode(),
-                        "json": json.dumps(meta).encode()})
+            sink.write(
+                {
+                    "__key__": safe_key(key),
+                    extension: video,
+                    "cls": str(label).encode(),
+                    "json": json.dumps(meta).encode(),
+                }
+            )
             if sink.fname and (not written or str(written[-1]) != sink.fname):
                 written.append(Path(sink.fname))
     return written

@@ -27,8 +27,12 @@ def probe(data: bytes) -> dict:
     if total == 0:
         raise VideoDecodeError("no frames")
     first = read_frames(reader, np.array([0, total - 1]))
-    return {"frames": total, "height": int(first.shape[1]), "width": int(first.shape[2]),
-            "fps": float(reader.get_avg_fps())}
+    return {
+        "frames": total,
+        "height": int(first.shape[1]),
+        "width": int(first.shape[2]),
+        "fps": float(reader.get_avg_fps()),
+    }
 
 
 def read_labels(path: Path) -> list[tuple[str, str]]:
@@ -61,7 +65,9 @@ def samples(videos: Path, rows: list[tuple[str, str]], rejected: list[str]) -> I
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--videos", required=True, type=Path, help="folder the CSV paths are relative to")
     parser.add_argument("--labels", required=True, type=Path, help="CSV of path,label (header optional)")
     parser.add_argument("--out", required=True, type=Path)
@@ -74,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--labels: {args.labels} does not exist")
     rows = read_labels(args.labels)
     rejected: list[str] = []
-    shards = write_shards(samples(args.videos, rows, rejected), args.out, args.prefix, max_bytes=int(args.shard_size_mb * 2**20))
+    shards = write_shards(
+        samples(args.videos, rows, rejected), args.out, args.prefix, max_bytes=int(args.shard_size_mb * 2**20)
+    )
     written = len(rows) - len(rejected)
     for line in rejected:
         print(f"left out: {line}", file=sys.stderr)
-    print(f"wrote {written} of {len(rows)} videos into {len(shards)} shards under {args.out}"
-          + (f"; left out {len(rejected)} (listed above)" if rejected else ""))
+    print(
+        f"wrote {written} of {len(rows)} videos into {len(shards)} shards under {args.out}"
+        + (f"; left out {len(rejected)} (listed above)" if rejected else "")
+    )
     return 0 if written else 1
 
 

@@ -1,6 +1,7 @@
 """Generate the synthetic motion dataset as WebDataset shards.
 
-python -m launch.make_synthetic --out shards/synthetic [--train 800 --test 200 --train-shards 8 --test-shards 2]
+python -m launch.make_synthetic --out shards/synthetic [--train 1600 --test 200]
+                                [--train-shards 8 --test-shards 2]
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ def _render(args: tuple[int, int, int, int, str, int]) -> list:
     return list(synthetic_samples(*args))
 
 
-def make_split(out: Path, name: str, count: int, shards: int, seed: int, size: int, frames: int, jobs: int) -> None:
+def make_split(
+    out: Path, name: str, count: int, shards: int, seed: int, size: int, frames: int, jobs: int
+) -> None:
     per_shard = math.ceil(count / shards)
     # Rendering is CPU-bound: one job per shard's worth of clips, written in order.
-    chunks = [(min(per_shard, count - s), seed * 1000 + i, size, frames, name, s) for i, s in
-              enumerate(range(0, count, per_shard))]
+    chunks = [
+        (min(per_shard, count - s), seed * 1000 + i, size, frames, name, s)
+        for i, s in enumerate(range(0, count, per_shard))
+    ]
     with ProcessPoolExecutor(jobs) as pool:
         samples = (sample for chunk in pool.map(_render, chunks) for sample in chunk)
         written = write_shards(samples, out, prefix=name, max_count=per_shard)
@@ -31,9 +36,11 @@ def make_split(out: Path, name: str, count: int, shards: int, seed: int, size: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="shards/synthetic")
-    parser.add_argument("--train", type=int, default=800, help="training clips")
+    parser.add_argument("--train", type=int, default=1600, help="training clips")
     parser.add_argument("--test", type=int, default=200, help="test clips")
     parser.add_argument("--train-shards", type=int, default=8)
     parser.add_argument("--test-shards", type=int, default=2)

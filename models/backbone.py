@@ -18,16 +18,51 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 # Named CLIP vision shapes. The two published ones match OpenAI CLIP; "tiny" is for tests and "demo" is the
 # small CLIP-shaped model the CPU demo trains beside.
 CLIP_SIZES: dict[str, dict] = {
-    "vit-b16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                    patch_size=16, image_size=224, projection_dim=512),
-    "vit-b32": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                    patch_size=32, image_size=224, projection_dim=512),
-    "vit-l14": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                    patch_size=14, image_size=224, projection_dim=768),
-    "demo": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                 patch_size=16, image_size=96, projection_dim=128),
-    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 patch_size=8, image_size=32, projection_dim=32),
+    "vit-b16": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        patch_size=16,
+        image_size=224,
+        projection_dim=512,
+    ),
+    "vit-b32": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        patch_size=32,
+        image_size=224,
+        projection_dim=512,
+    ),
+    "vit-l14": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        patch_size=14,
+        image_size=224,
+        projection_dim=768,
+    ),
+    "demo": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=512,
+        patch_size=16,
+        image_size=96,
+        projection_dim=128,
+    ),
+    "tiny": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+        projection_dim=32,
+    ),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +79,7 @@ class BackboneConfig:
     num_layers: int | None = None
     """Override the named size's depth (depth-reduced variants for tests and benchmarks)."""
     tap_every: int = 1
-    """Tap every k-th block: blocks k-1, 2k-1, ... (k=2 taps the odd indices, as Side4Video does for ViT-E)."""
+    """Tap every k-th block: blocks k-1, 2k-1, ... (k=2: the odd indices, as Side4Video taps ViT-E)."""
     tap_layers: list[int] = field(default_factory=list)
     """Explicit block indices to tap (0-based); overrides ``tap_every`` when non-empty."""
     dtype: str = "float32"
@@ -60,7 +95,9 @@ class BackboneConfig:
         if self.tap_every < 1:
             raise ValueError(f"backbone.tap_every must be >= 1, got {self.tap_every}")
         if self.attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"backbone.attn_implementation: {self.attn_implementation!r} is not sdpa or eager")
+            raise ValueError(
+                f"backbone.attn_implementation: {self.attn_implementation!r} is not sdpa or eager"
+            )
 
 
 def select_taps(num_layers: int, tap_every: int = 1, tap_layers: list[int] | None = None) -> list[int]:
@@ -157,14 +194,19 @@ def build_backbone(cfg: BackboneConfig) -> FrozenCLIPVision:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"backbone.pretrained_dir: no config.json in {path}")
         vision, info = CLIPVisionModel.from_pretrained(
-            path, config=config, local_files_only=True, attn_implementation=cfg.attn_implementation,
+            path,
+            config=config,
+            local_files_only=True,
+            attn_implementation=cfg.attn_implementation,
             output_loading_info=True,
         )
         # A full CLIPModel directory also holds the text tower (unexpected here, fine); a missing vision
         # weight would silently stay random, so it is an error.
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
-            raise ValueError(f"backbone.pretrained_dir: {path} lacks {len(missing)} vision weights, e.g. {missing[:5]}")
+            raise ValueError(
+                f"backbone.pretrained_dir: {path} lacks {len(missing)} vision weights, e.g. {missing[:5]}"
+            )
         vision = vision.to(dtype)
     else:
         config._attn_implementation = cfg.attn_implementation

@@ -129,7 +129,9 @@ class Mlp(nn.Module):
 class SideBlock(nn.Module):
     """One side block: fuse a tap, then temporal, spatial-attention and MLP residual parts."""
 
-    def __init__(self, backbone_width: int, width: int, heads: int, mlp_ratio: float, tokens: int, kernel: int):
+    def __init__(
+        self, backbone_width: int, width: int, heads: int, mlp_ratio: float, tokens: int, kernel: int
+    ):
         super().__init__()
         self.fusion = TapFusion(backbone_width, width)
         self.temporal = TemporalConv(width, kernel)
@@ -143,7 +145,9 @@ class SideBlock(nn.Module):
         cls, patches = self.fusion(tap.to(x.dtype), x.shape[1])
         x = 0.5 * x + 0.5 * patches
         x = x + self.temporal(x)
-        context = torch.cat([shift_class_token(cls).unsqueeze(2), x + self.pos_embed], dim=2)  # (B, T, 1+N, d)
+        context = torch.cat(
+            [shift_class_token(cls).unsqueeze(2), x + self.pos_embed], dim=2
+        )  # (B, T, 1+N, d)
         x = x + self.attn(self.attn_norm(context))
         return x + self.mlp(x)
 
@@ -162,11 +166,17 @@ class Side4Video(nn.Module):
     def __init__(self, cfg: SideConfig, backbone_width: int, patch_size: int, grid: int, depth: int):
         super().__init__()
         width, kernel = cfg.width, cfg.temporal_kernel
-        self.stem = nn.Conv3d(3, width, (kernel, patch_size, patch_size), stride=(1, patch_size, patch_size),
-                              padding=(kernel // 2, 0, 0))
+        self.stem = nn.Conv3d(
+            3,
+            width,
+            (kernel, patch_size, patch_size),
+            stride=(1, patch_size, patch_size),
+            padding=(kernel // 2, 0, 0),
+        )
         self.stem_norm = TokenBatchNorm(width)
         self.blocks = nn.ModuleList(
-            SideBlock(backbone_width, width, cfg.num_heads, cfg.mlp_ratio, grid * grid, kernel) for _ in range(depth)
+            SideBlock(backbone_width, width, cfg.num_heads, cfg.mlp_ratio, grid * grid, kernel)
+            for _ in range(depth)
         )
         self.norm = TokenBatchNorm(width)
         self.head = nn.Linear(width, cfg.num_classes)
@@ -185,8 +195,15 @@ class Side4Video(nn.Module):
             nn.init.normal_(block.temporal.pw_in.weight, std=std_in)
             nn.init.normal_(block.temporal.pw_out.weight, std=std_out)
             nn.init.normal_(block.pos_embed, std=0.01)
-            for linear in (block.fusion.proj, block.attn.in_proj, block.attn.out_proj, block.mlp.fc1,
-                           block.mlp.fc2, block.temporal.pw_in, block.temporal.pw_out):
+            for linear in (
+                block.fusion.proj,
+                block.attn.in_proj,
+                block.attn.out_proj,
+                block.mlp.fc1,
+                block.mlp.fc2,
+                block.temporal.pw_in,
+                block.temporal.pw_out,
+            ):
                 nn.init.zeros_(linear.bias)
         # LayerNorm and BatchNorm default to weight 1, bias 0, as published.
 

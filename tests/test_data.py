@@ -17,9 +17,15 @@ from tests.conftest import TINY_FRAMES, TINY_SIZE
 
 
 def config(shards, **extra) -> DataConfig:
-    values = dict(train_shards=str(shards / "train-{000000..000002}.tar"),
-                  eval_shards=str(shards / "test-{000000..000001}.tar"),
-                  num_frames=TINY_FRAMES, batch_size=4, eval_batch_size=4, num_workers=0, shuffle_buffer=8)
+    values = dict(
+        train_shards=str(shards / "train-{000000..000002}.tar"),
+        eval_shards=str(shards / "test-{000000..000001}.tar"),
+        num_frames=TINY_FRAMES,
+        batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        shuffle_buffer=8,
+    )
     values.update(extra)
     return DataConfig(**values)
 
@@ -46,17 +52,28 @@ def test_training_stream_is_endless_and_covers_every_sample_each_epoch(tiny_shar
 def test_eval_views(tiny_shards):
     cfg = config(tiny_shards, eval_clips=2, eval_crops=3)
     batch = next(iter(build_loader(cfg, TINY_SIZE, 8, train=False, seed=0, rank=0, world_size=1)))
-    assert batch["frames"].shape == (4, 6, TINY_FRAMES, 3, TINY_SIZE, TINY_SIZE)  # (B, clips x crops, T, 3, H, W)
+    assert batch["frames"].shape == (
+        4,
+        6,
+        TINY_FRAMES,
+        3,
+        TINY_SIZE,
+        TINY_SIZE,
+    )  # (B, clips x crops, T, 3, H, W)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("patterns", [["test-{000000..000001}.tar"], ["train-{000000..000002}.tar", "test-000000.tar"]])
+@pytest.mark.parametrize(
+    "patterns", [["test-{000000..000001}.tar"], ["train-{000000..000002}.tar", "test-000000.tar"]]
+)
 def test_eval_sees_every_sample_exactly_once_across_ranks_and_workers(tiny_shards, workers, patterns):
     # 2 shards < 4 slots exercises the per-sample split; 4 shards = 4 slots the per-shard split.
     spec = "::".join(str(tiny_shards / p) for p in patterns)
     cfg = config(tiny_shards, eval_shards=spec, num_workers=workers)
     single = all_keys(build_loader(cfg, TINY_SIZE, 8, train=False, seed=0, rank=0, world_size=1))
-    ranks = [all_keys(build_loader(cfg, TINY_SIZE, 8, train=False, seed=0, rank=r, world_size=2)) for r in (0, 1)]
+    ranks = [
+        all_keys(build_loader(cfg, TINY_SIZE, 8, train=False, seed=0, rank=r, world_size=2)) for r in (0, 1)
+    ]
     merged = ranks[0] + ranks[1]
     assert len(merged) == len(set(merged)) == len(single)
     assert set(merged) == set(single)
@@ -70,10 +87,12 @@ def test_resume_continues_the_exact_stream(tiny_shards, workers, consumed):
     state = {}
     for batch in uninterrupted[:consumed]:
         state[batch["slot"]] = batch["state"]
-    resumed = build_loader(cfg, TINY_SIZE, 8, True, 0, 0, 1, resume=state, worker_offset=consumed % max(1, workers))
+    resumed = build_loader(
+        cfg, TINY_SIZE, 8, True, 0, 0, 1, resume=state, worker_offset=consumed % max(1, workers)
+    )
     after = list(itertools.islice(iter(resumed), 6))
     assert [b["keys"] for b in after] == [b["keys"] for b in uninterrupted[consumed:]]
-    for a, b in zip(after, uninterrupted[consumed:]):
+    for a, b in zip(after, uninterrupted[consumed:], strict=True):
         assert torch.equal(a["frames"], b["frames"])  # the same augmentation too
 
 
@@ -106,7 +125,9 @@ def planted_shards(tmp_path):
         sink.write({"__key__": "novideo", "cls": b"2"})
     # A tar cut off in the middle of a member: the samples before the cut are still used.
     good_tar = tmp_path / "extra-000000.tar"
-    write_shards(synthetic_samples(3, seed=4, size=TINY_SIZE, frames=8, prefix="cut"), tmp_path, prefix="extra")
+    write_shards(
+        synthetic_samples(3, seed=4, size=TINY_SIZE, frames=8, prefix="cut"), tmp_path, prefix="extra"
+    )
     data = good_tar.read_bytes()
     (tmp_path / "mixed-000002.tar").write_bytes(data[: len(data) // 2])  # inside the second clip's video
     good_tar.unlink()
@@ -139,7 +160,9 @@ def test_unreachable_shard_is_counted_not_fatal(tiny_shards):
 
 def test_a_dataset_with_no_usable_sample_fails_clearly(tmp_path):
     write_shards([("bad", "mp4", b"junk", 0, {})], tmp_path, prefix="junk")
-    loader = build_loader(config(tmp_path, train_shards=str(tmp_path / "junk-000000.tar")), TINY_SIZE, 8, True, 0, 0, 1)
+    loader = build_loader(
+        config(tmp_path, train_shards=str(tmp_path / "junk-000000.tar")), TINY_SIZE, 8, True, 0, 0, 1
+    )
     with pytest.raises(RuntimeError, match="no usable sample"):
         next(iter(loader))
 
@@ -147,4 +170,3 @@ def test_a_dataset_with_no_usable_sample_fails_clearly(tmp_path):
 def test_missing_local_shards_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="2 of 2 shards do not exist"):
         expand_shards(str(tmp_path / "x-{0..1}.tar"))
-

@@ -22,7 +22,16 @@ def launch(args: list[str], timeout: int = 300, ranks: int = 1) -> subprocess.Co
     else:
         deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
         port = str(29500 + os.getpid() % 1000)
-        command = [deepspeed, "--num_gpus", str(ranks), "--master_port", port, "--module", "launch.train", *args]
+        command = [
+            deepspeed,
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            port,
+            "--module",
+            "launch.train",
+            *args,
+        ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return result
 
@@ -33,7 +42,9 @@ def records(run_dir: Path) -> list[dict]:
 
 def test_single_process_run_writes_the_run_directory_and_counts_bad_samples(tiny_shards, tmp_path):
     bad = tmp_path / "bad"
-    write_shards([("junk", "mp4", b"not a video" * 9, 1, {}), ("nolabel", "mp4", b"", "x", {})], bad, prefix="bad")
+    write_shards(
+        [("junk", "mp4", b"not a video" * 9, 1, {}), ("nolabel", "mp4", b"", "x", {})], bad, prefix="bad"
+    )
     run_dir = tmp_path / "run"
     train = f"{tiny_shards}/train-{{000000..000002}}.tar::{bad}/bad-000000.tar"
     # 6 steps x 4 clips > one epoch of 20 good samples, so the two bad ones have been met.
@@ -74,15 +85,22 @@ def test_config_errors_exit_cleanly(args, message):
 
 
 def test_missing_shards_exit_cleanly(tiny_shards, tmp_path):
-    args = tiny_overrides(tiny_shards, tmp_path / "run", **{"data.train_shards": str(tmp_path / "none-{0..3}.tar")})
+    args = tiny_overrides(
+        tiny_shards, tmp_path / "run", **{"data.train_shards": str(tmp_path / "none-{0..3}.tar")}
+    )
     result = launch(args, timeout=120)
     assert result.returncode == 2
     assert "4 of 4 shards do not exist" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_two_rank_deepspeed_run_resumes_with_the_same_next_step_loss(tiny_shards, tmp_path):
-    common = {"train.steps": 6, "checkpoint.every": 3, "checkpoint.keep": 3, "data.num_workers": 2,
-              "eval.temporal_check": False}
+    common = {
+        "train.steps": 6,
+        "checkpoint.every": 3,
+        "checkpoint.keep": 3,
+        "data.num_workers": 2,
+        "eval.temporal_check": False,
+    }
     full = tmp_path / "full"
     result = launch(tiny_overrides(tiny_shards, full, **common), ranks=2, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -61,7 +61,7 @@ def test_crop_boxes():
     rng = np.random.default_rng(0)
     for _ in range(200):
         top, left, h, w = random_resized_crop_box(120, 160, rng, (0.3, 1.0), (0.75, 1.333))
-        assert 0 <= top and top + h <= 120 and 0 <= left and left + w <= 160
+        assert top >= 0 and top + h <= 120 and left >= 0 and left + w <= 160
         assert 0.25 <= h * w / (120 * 160) <= 1.0
 
 
@@ -85,7 +85,12 @@ def test_synthetic_middle_frame_does_not_reveal_the_class():
         radii = np.array([r[frames // 2] for _, r in draws])
         return centres.mean(0), radii.mean()
 
-    for a, b in [("left", "right"), ("up", "down"), ("clockwise", "anticlockwise"), ("approaching", "receding")]:
+    for a, b in [
+        ("left", "right"),
+        ("up", "down"),
+        ("clockwise", "anticlockwise"),
+        ("approaching", "receding"),
+    ]:
         (centre_a, radius_a), (centre_b, radius_b) = middle_stats(a), middle_stats(b)
         np.testing.assert_allclose(centre_a, centre_b, atol=1.0)
         assert radius_a == pytest.approx(radius_b, abs=0.3)

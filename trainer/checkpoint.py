@@ -66,16 +66,20 @@ class Checkpointer:
         tag = self.latest_tag() if self.cfg.resume else None
         if tag is None:
             return None
-        loaded, client = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+        loaded, client = engine.load_checkpoint(
+            str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if loaded is None:
             raise RuntimeError(f"checkpoint {self.dir / tag} named by 'latest' could not be loaded")
         state_file = self.dir / tag / f"train_state_rank{self.dist.rank:05d}.json"
         if state_file.is_file():
             state = json.loads(state_file.read_text())
         else:
-            log.warning("%s has no state for rank %d (world size changed?): data restarts from its beginning",
-                        tag, self.dist.rank)
+            log.warning(
+                "%s has no state for rank %d (world size changed?): data restarts from its beginning",
+                tag,
+                self.dist.rank,
+            )
             state = {"step": client["step"]}
         log.info("resumed from %s at step %d", self.dir / tag, state["step"])
         return state

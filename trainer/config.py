@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     """The training loop."""
 
-    steps: int = 300
+    steps: int = 600
     """Optimizer steps to train for."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
@@ -115,7 +115,9 @@ def resolve_deepspeed_config(cfg: RunConfig, world_size: int, bf16_supported: bo
         if current == "auto":
             ds[key] = value
         elif current != value:
-            raise ConfigError(f"{path}: {key}={current} contradicts the run config ({value}); set it to \"auto\"")
+            raise ConfigError(
+                f'{path}: {key}={current} contradicts the run config ({value}); set it to "auto"'
+            )
     for precision in ("bf16", "fp16"):
         section = ds.get(precision)
         if isinstance(section, dict) and section.get("enabled") == "auto":

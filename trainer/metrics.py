@@ -40,7 +40,7 @@ class MetricsLogger:
         self._file = self._writer = self._bar = None
         if not is_main:
             return
-        self._file = open(run_dir / "metrics.jsonl", "a")
+        self._file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -15,7 +15,7 @@ from models import no_weight_decay
 class OptimConfig:
     """AdamW and its learning-rate schedule (steps are optimizer steps)."""
 
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate."""
     weight_decay: float = 0.15
     """Decoupled weight decay, not applied to norms, biases and position embeddings."""

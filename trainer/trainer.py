@@ -36,8 +36,13 @@ class Trainer:
         side = build_side_network(cfg.side, self.backbone)
         bf16_ok = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
         ds_config = resolve_deepspeed_config(cfg, dist.world_size, bf16_ok)
-        self.dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
-                      else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+        self.dtype = (
+            torch.bfloat16
+            if ds_config.get("bf16", {}).get("enabled")
+            else torch.float16
+            if ds_config.get("fp16", {}).get("enabled")
+            else torch.float32
+        )
         optimizer = build_optimizer(cfg.optim, side)
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -53,19 +58,20 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, dist.is_main, cfg.train.steps, self.step)
         if dist.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
+        frozen, trainable = count_params(self.backbone, trainable_only=False), count_params(side)
         self.metrics.write(
-            f"backbone {cfg.backbone.pretrained_dir or cfg.backbone.name}: {count_params(self.backbone, False):,} "
-            f"frozen params, taps {self.backbone.taps}; side network: {count_params(side):,} trainable params; "
+            f"backbone {cfg.backbone.pretrained_dir or cfg.backbone.name}: {frozen:,} frozen params, "
+            f"taps {self.backbone.taps}; side network: {trainable:,} trainable params; "
             f"{dist.world_size} rank(s) on {dist.device.type}, {self.dtype}"
         )
 
-    # -- model -------------------------------------------------------------------------------------------------
+    # -- model -----------------------------------------------------------------------------------------------
 
     def predict(self, clips: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) normalised clips -> (B, classes) logits; side block i runs right after tap i."""
         return self.engine(clips, self.backbone.iter_taps(clips.flatten(0, 1)))
 
-    # -- training ----------------------------------------------------------------------------------------------
+    # -- training --------------------------------------------------------------------------------------------
 
     def train_step(self, batches: Iterator[dict]) -> torch.Tensor:
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (on device)."""
@@ -76,8 +82,11 @@ class Trainer:
             self.batches_seen += 1
             clips = normalize(batch["frames"].to(self.dist.device, non_blocking=True), self.dtype)
             logits = self.predict(clips)
-            loss = F.cross_entropy(logits.float(), batch["labels"].to(self.dist.device),
-                                   label_smoothing=self.cfg.train.label_smoothing)
+            loss = F.cross_entropy(
+                logits.float(),
+                batch["labels"].to(self.dist.device),
+                label_smoothing=self.cfg.train.label_smoothing,
+            )
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
@@ -124,7 +133,9 @@ class Trainer:
             "peak_mem_gb": peak / 2**30,
             "skipped": int(sum(reduced[1:])),
         }
-        values.update({f"skipped/{kind}": int(n) for kind, n in zip(SKIP_KINDS, reduced[1:]) if n})
+        values.update(
+            {f"skipped/{kind}": int(n) for kind, n in zip(SKIP_KINDS, reduced[1:], strict=True) if n}
+        )
         self.metrics.log(self.step, values)
 
     def _skip_counts(self) -> list[int]:
@@ -139,22 +150,36 @@ class Trainer:
         workers = max(1, cfg.data.num_workers)
         # A resumed loader's worker w plays the slot whose batch the interrupted run would have taken next,
         # so the round-robin order over workers continues unchanged.
-        return build_loader(cfg.data, self.backbone.image_size, cfg.side.num_classes, train, cfg.train.seed,
-                            self.dist.rank, self.dist.world_size, resume=self.data_state if train else None,
-                            worker_offset=self.batches_seen % workers if train else 0)
+        return build_loader(
+            cfg.data,
+            self.backbone.image_size,
+            cfg.side.num_classes,
+            train,
+            cfg.train.seed,
+            self.dist.rank,
+            self.dist.world_size,
+            resume=self.data_state if train else None,
+            worker_offset=self.batches_seen % workers if train else 0,
+        )
 
-    # -- evaluation --------------------------------------------------------------------------------------------
+    # -- evaluation ------------------------------------------------------------------------------------------
 
     def evaluate(self, order: str = "original") -> dict:
         self.engine.eval()
         try:
-            return evaluate(self.predict, self._loader(train=False), self.dist.device, self.dtype, order,
-                            self.cfg.eval.seed)
+            return evaluate(
+                self.predict,
+                self._loader(train=False),
+                self.dist.device,
+                self.dtype,
+                order,
+                self.cfg.eval.seed,
+            )
         finally:
             self.engine.train()
 
     def final_evaluation(self) -> dict:
-        """Evaluate the trained model (and, if configured, with temporal information removed); write eval.json."""
+        """Evaluate the trained model (also without temporal information, if configured); write eval.json."""
         orders = FRAME_ORDERS if self.cfg.eval.temporal_check else ("original",)
         result = {"step": self.step, "views": self.cfg.data.views}
         for order in orders:
@@ -165,8 +190,12 @@ class Trainer:
                 result[f"top1_{order}"] = metrics["top1"]
                 result[f"top5_{order}"] = metrics["top5"]
         skipped = all_reduce_sum(self._skip_counts(), self.dist.device)
-        result["skipped_train_samples"] = {kind: int(n) for kind, n in zip(SKIP_KINDS, skipped) if n}
-        self.metrics.log(self.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        result["skipped_train_samples"] = {
+            kind: int(n) for kind, n in zip(SKIP_KINDS, skipped, strict=True) if n
+        }
+        self.metrics.log(
+            self.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+        )
         if self.dist.is_main:
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         self.metrics.write(f"final evaluation: {json.dumps(result)}")
