@@ -1,13 +1,16 @@
 """Frozen image backbones that hand their intermediate token states to a side network.
 
 A backbone here is always frozen: eval mode, ``requires_grad_(False)``, forward under ``torch.no_grad()``.
-``iter_taps`` runs the blocks one at a time and yields the tapped blocks' outputs as they appear, so a
-side network can consume tap i before block i + 1 runs and the whole feature stack never exists at once.
+``forward(images)`` returns an iterator that runs the blocks one at a time and yields each tapped block's
+output as it appears, so a side network can consume tap i before block i + 1 runs and the whole feature stack
+never exists at once. Every parameter lives in a submodule whose own forward uses it (no parameter is read
+outside its module's forward), which is what lets ZeRO-3 gather the weights block by block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,54 +18,36 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-# Named CLIP vision shapes. The two published ones match OpenAI CLIP; "tiny" is for tests and "demo" is the
-# small CLIP-shaped model the CPU demo trains beside.
-CLIP_SIZES: dict[str, dict] = {
-    "vit-b16": dict(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        patch_size=16,
-        image_size=224,
-        projection_dim=512,
-    ),
-    "vit-b32": dict(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        patch_size=32,
-        image_size=224,
-        projection_dim=512,
-    ),
-    "vit-l14": dict(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        patch_size=14,
-        image_size=224,
-        projection_dim=768,
-    ),
-    "demo": dict(
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=512,
-        patch_size=16,
-        image_size=96,
-        projection_dim=128,
-    ),
-    "tiny": dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=32,
-        projection_dim=32,
-    ),
+from models.eva_vit import EVA_RENAMES, EvaVisionTower
+from models.weights import CheckpointReader, load_weights
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    family: str  # "clip" (transformers CLIPVisionModel) or "eva" (EVA-CLIP, post-norm)
+    width: int
+    depth: int
+    heads: int
+    mlp: int
+    patch: int
+    image_size: int
+    tap_every: int = 1  # the published tap stride
+    embed_dim: int = 0  # EVA projection-head output (0: the width)
+
+
+# Named shapes. The published ones match OpenAI CLIP and EVA02-CLIP-bigE-14; "demo" is the small CLIP-shaped
+# model the CPU demo trains beside; "tiny", "eva-tiny" and "eva-small" are for tests.
+SIZES: dict[str, ViTShape] = {
+    "vit-b16": ViTShape("clip", 768, 12, 12, 3072, 16, 224),
+    "vit-b32": ViTShape("clip", 768, 12, 12, 3072, 32, 224),
+    "vit-l14": ViTShape("clip", 1024, 24, 16, 4096, 14, 224),
+    "vit-e14": ViTShape("eva", 1792, 64, 16, 15360, 14, 224, tap_every=2, embed_dim=1024),
+    "demo": ViTShape("clip", 128, 4, 4, 512, 16, 96),
+    "tiny": ViTShape("clip", 32, 2, 2, 64, 8, 32),
+    "eva-tiny": ViTShape("eva", 32, 2, 2, 64, 8, 32, tap_every=2),
+    "eva-small": ViTShape(
+        "eva", 512, 2, 8, 2048, 16, 64, tap_every=2
+    ),  # tensors past DeepSpeed's 1 MiB swap floor
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,34 +55,39 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class BackboneConfig:
-    """Which frozen image model to build and which of its blocks feed the side network."""
+    """The frozen image model: its shape, its weights, and which of its blocks feed the side network."""
 
     name: str = "demo"
-    """Named size (see CLIP_SIZES); ignored for the architecture when ``pretrained_dir`` is set."""
-    pretrained_dir: str | None = None
-    """Local transformers directory (config.json + weights) of a CLIP or CLIPVision model; never downloads."""
+    """Named shape (see SIZES); a transformers CLIP directory in ``pretrained`` overrides a CLIP shape."""
+    pretrained: str | None = None
+    """Local weights: a transformers CLIP directory, or a .safetensors / .pt file (EVA-CLIP keys under
+    ``visual.`` are accepted). Never downloads. None keeps random weights."""
     num_layers: int | None = None
-    """Override the named size's depth (depth-reduced variants for tests and benchmarks)."""
-    tap_every: int = 1
-    """Tap every k-th block: blocks k-1, 2k-1, ... (k=2: the odd indices, as Side4Video taps ViT-E)."""
+    """Override the depth (depth-reduced variants for tests and benchmarks)."""
+    tap_every: int = 0
+    """Tap every k-th block: blocks k-1, 2k-1, ... (k=2: odd indices); 0: the published stride (ViT-E: 2)."""
     tap_layers: list[int] = field(default_factory=list)
     """Explicit block indices to tap (0-based); overrides ``tap_every`` when non-empty."""
     dtype: str = "float32"
     """Dtype of the frozen weights and of the activations handed over."""
     attn_implementation: str = "sdpa"
-    """transformers attention kernel for the frozen blocks: sdpa or eager."""
+    """Attention kernel of transformers CLIP blocks: sdpa or eager."""
 
     def __post_init__(self):
-        if self.pretrained_dir is None and self.name not in CLIP_SIZES:
-            raise ValueError(f"backbone.name: unknown size {self.name!r}; known: {sorted(CLIP_SIZES)}")
+        if self.name not in SIZES:
+            raise ValueError(f"backbone.name: unknown size {self.name!r}; known: {sorted(SIZES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"backbone.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
-        if self.tap_every < 1:
-            raise ValueError(f"backbone.tap_every must be >= 1, got {self.tap_every}")
+        if self.tap_every < 0:
+            raise ValueError(f"backbone.tap_every must be >= 0, got {self.tap_every}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(
                 f"backbone.attn_implementation: {self.attn_implementation!r} is not sdpa or eager"
             )
+
+    @property
+    def shape(self) -> ViTShape:
+        return SIZES[self.name]
 
 
 def select_taps(num_layers: int, tap_every: int = 1, tap_layers: list[int] | None = None) -> list[int]:
@@ -114,102 +104,182 @@ def select_taps(num_layers: int, tap_every: int = 1, tap_layers: list[int] | Non
     return taps
 
 
-class FrozenCLIPVision(nn.Module):
-    """transformers' CLIP vision tower, frozen, with taps on chosen blocks.
+class TapStream:
+    """The iterator ``FrozenViT.forward`` returns: a plain object with attributes, unlike a bare generator,
+    because module hooks (ZeRO-3's among them) inspect forward outputs through ``vars()``."""
 
-    Args:
-        vision: a CLIPVisionModel (transformers 4.x keeps the tower under ``.vision_model``).
-        taps: block indices whose outputs ``iter_taps`` yields.
-    """
+    def __init__(self, taps: Iterator[torch.Tensor]):
+        self.taps = taps
 
-    def __init__(self, vision: CLIPVisionModel, taps: list[int]):
+    def __iter__(self) -> TapStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self.taps)
+
+
+class FrozenViT(nn.Module):
+    """A frozen ViT with taps. Subclasses define ``embed``, ``blocks`` and ``run_block``."""
+
+    blocks: nn.ModuleList
+
+    def __init__(self, width: int, patch_size: int, image_size: int, taps: list[int]):
         super().__init__()
-        tower = getattr(vision, "vision_model", vision)
-        self.embeddings = tower.embeddings
-        self.pre_layrnorm = tower.pre_layrnorm
-        self.layers = tower.encoder.layers
-        self.post_layernorm = tower.post_layernorm
-        config: CLIPVisionConfig = vision.config
-        self.width = config.hidden_size
-        self.patch_size = config.patch_size
-        self.image_size = config.image_size
+        self.width, self.patch_size, self.image_size = width, patch_size, image_size
         self.taps = list(taps)
+        self.dtype = torch.get_default_dtype()  # built under default_dtype: the weights' dtype
+
+    def freeze(self) -> FrozenViT:
         self.requires_grad_(False)
-        self.eval()
+        return super().train(False)
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return len(self.blocks)
 
     @property
     def grid(self) -> int:
         """Patches per side."""
         return self.image_size // self.patch_size
 
-    def train(self, mode: bool = True) -> FrozenCLIPVision:
+    def train(self, mode: bool = True) -> FrozenViT:
         # Frozen: stays in eval mode whatever the caller asks (no dropout, fixed norms).
         return super().train(False)
 
-    @torch.no_grad()
-    def iter_taps(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Yield the tapped blocks' outputs, in block order, as soon as each exists.
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return block(hidden)
+
+    def forward(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """An iterator over the tapped blocks' outputs, in block order, each computed when asked for.
 
         Args:
             images: (B, 3, H, W) normalised pixels.
         Yields:
-            (B, 1 + N, width) token states (class token first), no autograd history.
+            (B, 1 + N, width) token states (class token first), without autograd history.
         """
-        dtype = self.embeddings.patch_embedding.weight.dtype
-        hidden = self.pre_layrnorm(self.embeddings(images.to(dtype)))  # (B, 1 + N, width)
-        last = self.taps[-1]
+        return TapStream(self._taps(images))
+
+    @torch.no_grad()
+    def _taps(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        hidden = self.embed(images)  # (B, 1 + N, width)
         tapped = set(self.taps)
-        for index, layer in enumerate(self.layers[: last + 1]):
-            out = layer(hidden, None)
-            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
+        for index, block in enumerate(self.blocks[: self.taps[-1] + 1]):
+            hidden = self.run_block(block, hidden)
             if index in tapped:
                 yield hidden
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """All taps at once (tests and feature extraction; training uses ``iter_taps``)."""
-        return list(self.iter_taps(images))
+
+class FrozenCLIPVision(FrozenViT):
+    """transformers' CLIP vision tower (pre-norm blocks, ``pre_layrnorm`` after the embeddings)."""
+
+    def __init__(self, vision: CLIPVisionModel, taps: list[int]):
+        config: CLIPVisionConfig = vision.config
+        super().__init__(config.hidden_size, config.patch_size, config.image_size, taps)
+        tower = getattr(vision, "vision_model", vision)  # transformers 4.x keeps the tower one level down
+        self.embeddings = tower.embeddings
+        self.pre_layrnorm = tower.pre_layrnorm
+        self.blocks = tower.encoder.layers
+        self.post_layernorm = tower.post_layernorm
+        self.freeze()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pre_layrnorm(self.embeddings(images.to(self.dtype)))
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        out = block(hidden, None)
+        return out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
 
 
-def clip_vision_config(cfg: BackboneConfig) -> CLIPVisionConfig:
-    if cfg.pretrained_dir is not None:
-        config = CLIPVisionConfig.from_pretrained(cfg.pretrained_dir, local_files_only=True)
+class FrozenEVAVision(FrozenViT):
+    """EVA-CLIP vision tower (EVA02-CLIP-bigE-14 shape for "vit-e14")."""
+
+    def __init__(self, tower: EvaVisionTower, taps: list[int]):
+        super().__init__(tower.width, tower.patch_size, tower.image_size, taps)
+        self.embeddings = tower.embeddings
+        self.blocks = tower.blocks
+        self.norm = tower.norm
+        self.head = tower.head
+        self.freeze()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(images)
+
+
+def _clip_config(cfg: BackboneConfig) -> CLIPVisionConfig:
+    if cfg.pretrained is not None and Path(cfg.pretrained).is_dir():
+        config = CLIPVisionConfig.from_pretrained(cfg.pretrained, local_files_only=True)
     else:
-        config = CLIPVisionConfig(**CLIP_SIZES[cfg.name])
+        s = cfg.shape
+        config = CLIPVisionConfig(
+            hidden_size=s.width,
+            num_hidden_layers=s.depth,
+            num_attention_heads=s.heads,
+            intermediate_size=s.mlp,
+            patch_size=s.patch,
+            image_size=s.image_size,
+        )
     if cfg.num_layers is not None:
         config.num_hidden_layers = cfg.num_layers
+    config._attn_implementation = cfg.attn_implementation
     return config
 
 
-def build_backbone(cfg: BackboneConfig) -> FrozenCLIPVision:
-    """Build the frozen CLIP vision tower from a named size (random weights) or a local directory."""
-    config = clip_vision_config(cfg)
-    dtype = DTYPES[cfg.dtype]
-    if cfg.pretrained_dir is not None:
-        path = Path(cfg.pretrained_dir)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"backbone.pretrained_dir: no config.json in {path}")
-        vision, info = CLIPVisionModel.from_pretrained(
-            path,
-            config=config,
-            local_files_only=True,
-            attn_implementation=cfg.attn_implementation,
-            output_loading_info=True,
-        )
-        # A full CLIPModel directory also holds the text tower (unexpected here, fine); a missing vision
-        # weight would silently stay random, so it is an error.
-        if info["missing_keys"]:
-            missing = sorted(info["missing_keys"])
-            raise ValueError(
-                f"backbone.pretrained_dir: {path} lacks {len(missing)} vision weights, e.g. {missing[:5]}"
+def build_backbone(
+    cfg: BackboneConfig,
+    construct: Callable[[], AbstractContextManager] = nullcontext,
+    gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
+    writer: bool = True,
+) -> FrozenViT:
+    """Build the frozen backbone; load ``cfg.pretrained`` one piece (embeddings, a block, ...) at a time.
+
+    Args:
+        construct: context the modules are created in (e.g. a parameter-partitioning one for sharding).
+        gather: context that makes a piece's parameters whole while they are written (sharded weights).
+        writer: whether this process writes the weights (with sharding, one rank reads, the gather spreads).
+    """
+    shape = cfg.shape
+    if cfg.pretrained is not None and not Path(cfg.pretrained).exists():
+        raise FileNotFoundError(f"backbone.pretrained: {cfg.pretrained} does not exist")
+    with default_dtype(DTYPES[cfg.dtype]), construct():
+        if shape.family == "clip":
+            config = _clip_config(cfg)
+            taps = select_taps(config.num_hidden_layers, cfg.tap_every or shape.tap_every, cfg.tap_layers)
+            model: FrozenViT = FrozenCLIPVision(CLIPVisionModel(config), taps)
+        else:
+            depth = cfg.num_layers or shape.depth
+            tower = EvaVisionTower(
+                shape.width,
+                depth,
+                shape.heads,
+                shape.mlp,
+                shape.patch,
+                shape.image_size,
+                shape.embed_dim or shape.width,
             )
-        vision = vision.to(dtype)
-    else:
-        config._attn_implementation = cfg.attn_implementation
-        vision = CLIPVisionModel(config).to(dtype)
-    taps = select_taps(config.num_hidden_layers, cfg.tap_every, cfg.tap_layers)
-    return FrozenCLIPVision(vision, taps)
+            taps = select_taps(depth, cfg.tap_every or shape.tap_every, cfg.tap_layers)
+            model = FrozenEVAVision(tower, taps)
+    if cfg.pretrained is not None:
+        reader = CheckpointReader(cfg.pretrained)
+        prefixes = ("vision_model.", "") if shape.family == "clip" else ("visual.", "")
+        rename = _clip_rename if shape.family == "clip" else (lambda name: EVA_RENAMES.get(name, name))
+        load_weights(model, reader, prefixes, gather=gather, writer=writer, rename=rename)
+    return model
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Create parameters directly in ``dtype`` (no full-precision copy first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _clip_rename(name: str) -> str:
+    """Our CLIP wrapper's parameter names -> transformers' names inside the vision tower."""
+    return name.replace("blocks.", "encoder.layers.", 1) if name.startswith("blocks.") else name

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +40,25 @@ def tiny_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def launch(args: list[str], timeout: int = 300, ranks: int = 1, script: str | None = None):
+    """Run launch.train (or ``script``) as real processes: plain python, or ``deepspeed --num_gpus ranks``."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    if ranks == 1:
+        command = [sys.executable, *([script] if script else ["-m", "launch.train"])]
+    else:
+        deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+        port = str(29500 + os.getpid() % 1000)
+        target = [script] if script else ["--module", "launch.train"]
+        command = [deepspeed, "--num_gpus", str(ranks), "--master_port", port, *target]
+    return subprocess.run(
+        [*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")

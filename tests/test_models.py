@@ -7,10 +7,17 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from models import BackboneConfig, SideConfig, build_backbone, build_side_network, count_params, select_taps
-from models.backbone import CLIP_SIZES
 from models.side4video import shift_class_token
 
 FRAMES = 4
+TINY_CLIP = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    patch_size=8,
+    image_size=32,
+)
 
 
 def build(layers: int = 2, tap_every: int = 1, width: int = 32, **backbone):
@@ -27,7 +34,7 @@ def clips(batch: int = 2, size: int = 32) -> torch.Tensor:
 
 
 def run(backbone, side, frames):
-    return side(frames, backbone.iter_taps(frames.flatten(0, 1)))
+    return side(frames, backbone(frames.flatten(0, 1)))
 
 
 def test_select_taps():
@@ -45,7 +52,7 @@ def test_shapes_and_finite(tap_every):
     logits = run(backbone, side, clips())
     assert logits.shape == (2, 5)
     assert torch.isfinite(logits).all()
-    features = side.forward_features(clips(), backbone.iter_taps(clips().flatten(0, 1)))
+    features = side.forward_features(clips(), backbone(clips().flatten(0, 1)))
     assert features.shape == (2, FRAMES, backbone.grid**2, 32)  # (B, T, N, d)
 
 
@@ -74,7 +81,7 @@ def test_backbone_unchanged_by_training_steps():
 
 def test_taps_have_no_autograd_history():
     backbone, _ = build()
-    for tap in backbone.iter_taps(clips().flatten(0, 1)):
+    for tap in backbone(clips().flatten(0, 1)):
         assert tap.grad_fn is None and not tap.requires_grad
 
 
@@ -82,7 +89,7 @@ def test_taps_have_no_autograd_history():
 def test_side_block_runs_as_soon_as_its_tap_exists(tap_every):
     backbone, side = build(layers=4, tap_every=tap_every)
     order = []
-    for index, layer in enumerate(backbone.layers):
+    for index, layer in enumerate(backbone.blocks):
         layer.register_forward_hook(lambda *_, i=index: order.append(f"backbone{i}"))
     for index, block in enumerate(side.blocks):
         block.register_forward_hook(lambda *_, i=index: order.append(f"side{i}"))
@@ -165,7 +172,7 @@ def test_sdpa_and_eager_backbones_agree():
 
 @pytest.mark.parametrize("layout", ["clip", "vision"])
 def test_loads_local_pretrained_directory(tmp_path, layout):
-    tiny = CLIP_SIZES["tiny"]
+    tiny = TINY_CLIP
     if layout == "clip":  # a full CLIP checkpoint directory, as published
         text = dict(
             hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99
@@ -175,7 +182,7 @@ def test_loads_local_pretrained_directory(tmp_path, layout):
     else:
         model = source = CLIPVisionModel(CLIPVisionConfig(**tiny))
     model.save_pretrained(tmp_path)
-    backbone = build_backbone(BackboneConfig(pretrained_dir=str(tmp_path), tap_layers=[1]))
+    backbone = build_backbone(BackboneConfig(name="tiny", pretrained=str(tmp_path), tap_layers=[1]))
     assert backbone.taps == [1]
     theirs_modules = (source.embeddings, source.pre_layrnorm, source.encoder, source.post_layernorm)
     for ours, theirs in zip(
@@ -188,9 +195,9 @@ def test_loads_local_pretrained_directory(tmp_path, layout):
 def test_pretrained_directory_missing_weights_is_an_error(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    CLIPVisionModel(CLIPVisionConfig(**CLIP_SIZES["tiny"])).save_pretrained(tmp_path)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     dropped = {k: v for k, v in weights.items() if "layers.1." not in k}
     save_file(dropped, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"lacks \d+ vision weights"):
-        build_backbone(BackboneConfig(pretrained_dir=str(tmp_path)))
+    with pytest.raises(KeyError, match=r"\d+ missing \['encoder\.layers\.1\."):
+        build_backbone(BackboneConfig(name="tiny", pretrained=str(tmp_path)))

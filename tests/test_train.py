@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from data.writer import write_shards
-from tests.conftest import REPO, tiny_overrides
-
-
-def launch(args: list[str], timeout: int = 300, ranks: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    if ranks == 1:
-        command = [sys.executable, "-m", "launch.train", *args]
-    else:
-        deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-        port = str(29500 + os.getpid() % 1000)
-        command = [
-            deepspeed,
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            port,
-            "--module",
-            "launch.train",
-            *args,
-        ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return result
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.conftest import launch, records, tiny_overrides
 
 
 def test_single_process_run_writes_the_run_directory_and_counts_bad_samples(tiny_shards, tmp_path):

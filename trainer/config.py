@@ -37,6 +37,11 @@ class TrainConfig:
     """Seeds model init, data order and augmentation."""
     deepspeed_config: str = "deepspeed_configs/side_zero2.json"
     """DeepSpeed JSON for the side-network engine; its "auto" values are filled from this config."""
+    frozen_deepspeed_config: str | None = None
+    """DeepSpeed JSON (ZeRO-3) partitioning the frozen backbone across ranks, optionally offloaded to CPU or
+    NVMe; None keeps the whole backbone on every device."""
+    offload_dir: str = "/tmp/side4video_offload"
+    """Directory for NVMe parameter offload (a node-local disk on clusters); fills "nvme_path": "auto"."""
 
     def __post_init__(self):
         if self.steps < 1 or self.grad_accum < 1:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from data.video import normalize
-from trainer.distributed import all_gather_objects
+from trainer.distributed import all_gather_objects, all_reduce_sum
 
 FRAME_ORDERS = ("original", "frame_shuffled", "single_frame")
 
@@ -53,10 +53,25 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((topk == labels[:, None]).any(axis=1).mean())
 
 
+def lockstep(batches: Iterable[dict], filler: dict, device: torch.device) -> Iterator[tuple[dict, bool]]:
+    """Yield (batch, real) until every rank is out of batches; an exhausted rank gets ``filler`` (real=False).
+
+    Sharded models gather weights collectively in every forward, so all ranks must run the same number of
+    forwards even when their shares of the data differ.
+    """
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if all_reduce_sum([float(batch is not None)], device)[0] == 0:
+            return
+        yield (batch, True) if batch is not None else (filler, False)
+
+
 @torch.no_grad()
 def evaluate(
     predict: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[dict],
+    filler: dict,
     device: torch.device,
     dtype: torch.dtype,
     order: str = "original",
@@ -67,16 +82,19 @@ def evaluate(
     Args:
         predict: (N, T, 3, H, W) normalised clips -> (N, classes) logits.
         batches: loader batches with ``frames`` (B, V, T, 3, H, W) uint8, ``labels`` and ``keys``.
+        filler: a batch of the same layout run (and discarded) while other ranks still have data.
     Returns:
         ``top1``, ``top5`` and ``num_videos`` over the union of all ranks (each key counted once).
     """
     generator = torch.Generator().manual_seed(seed)
     keys, scores, labels = [], [], []
-    for batch in batches:
+    for batch, real in lockstep(batches, filler, device):
         frames = reorder_frames(batch["frames"], order, generator)
         videos, views = frames.shape[:2]
         clips = normalize(frames.to(device, non_blocking=True).flatten(0, 1), dtype)  # (B*V, T, 3, H, W)
         probs = predict(clips).float().softmax(-1).view(videos, views, -1).mean(1)  # views averaged
+        if not real:
+            continue
         keys.extend(batch["keys"])
         scores.append(probs.cpu().numpy())
         labels.append(batch["labels"].numpy())

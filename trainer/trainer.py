@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 from data.shards import SKIP_KINDS, build_loader
 from data.video import normalize
-from models import build_backbone, build_side_network, count_params
+from models import build_side_network, count_params
 from trainer.checkpoint import Checkpointer
 from trainer.config import RunConfig, dump_config, resolve_deepspeed_config
 from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.evaluate import FRAME_ORDERS, evaluate
+from trainer.frozen import build_frozen
 from trainer.metrics import MetricsLogger, peak_memory_bytes
 from trainer.optim import build_optimizer, build_scheduler
 
@@ -32,7 +33,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
 
-        self.backbone = build_backbone(cfg.backbone).to(dist.device)
+        self.backbone, self.frozen = build_frozen(cfg, dist)
         side = build_side_network(cfg.side, self.backbone)
         bf16_ok = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
         ds_config = resolve_deepspeed_config(cfg, dist.world_size, bf16_ok)
@@ -58,9 +59,10 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, dist.is_main, cfg.train.steps, self.step)
         if dist.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
-        frozen, trainable = count_params(self.backbone, trainable_only=False), count_params(side)
+        frozen = sum(getattr(p, "ds_numel", p.numel()) for p in self.backbone.parameters())
+        trainable = count_params(side)
         self.metrics.write(
-            f"backbone {cfg.backbone.pretrained_dir or cfg.backbone.name}: {frozen:,} frozen params, "
+            f"backbone {cfg.backbone.pretrained or cfg.backbone.name}: {frozen:,} frozen params, "
             f"taps {self.backbone.taps}; side network: {trainable:,} trainable params; "
             f"{dist.world_size} rank(s) on {dist.device.type}, {self.dtype}"
         )
@@ -69,7 +71,7 @@ class Trainer:
 
     def predict(self, clips: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) normalised clips -> (B, classes) logits; side block i runs right after tap i."""
-        return self.engine(clips, self.backbone.iter_taps(clips.flatten(0, 1)))
+        return self.engine(clips, self.frozen(clips.flatten(0, 1)))
 
     # -- training --------------------------------------------------------------------------------------------
 
@@ -170,6 +172,7 @@ class Trainer:
             return evaluate(
                 self.predict,
                 self._loader(train=False),
+                self._filler_batch(),
                 self.dist.device,
                 self.dtype,
                 order,
@@ -177,6 +180,11 @@ class Trainer:
             )
         finally:
             self.engine.train()
+
+    def _filler_batch(self) -> dict:
+        data, size = self.cfg.data, self.backbone.image_size
+        frames = torch.zeros(1, data.views, data.num_frames, 3, size, size, dtype=torch.uint8)
+        return {"frames": frames, "labels": torch.zeros(1, dtype=torch.long), "keys": []}
 
     def final_evaluation(self) -> dict:
         """Evaluate the trained model (also without temporal information, if configured); write eval.json."""
