@@ -97,9 +97,11 @@ def dump_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def resolve_deepspeed_config(cfg: RunConfig, world_size: int, bf16_supported: bool) -> dict:
+def resolve_deepspeed_config(cfg: RunConfig, world_size: int, bf16_supported: bool, params: int = 0) -> dict:
     """Read the DeepSpeed JSON and fill its "auto" values from the run config (one source of truth).
 
+    ``params`` (the trainable parameter count) sizes "auto" communication buckets: DeepSpeed's defaults
+    (5e8 elements) would allocate a 2 GB fp32 gradient bucket for a side network of a few million weights.
     An explicit value that contradicts the run config is an error rather than a silent mismatch.
     """
     path = Path(cfg.train.deepspeed_config)
@@ -123,6 +125,10 @@ def resolve_deepspeed_config(cfg: RunConfig, world_size: int, bf16_supported: bo
             raise ConfigError(
                 f'{path}: {key}={current} contradicts the run config ({value}); set it to "auto"'
             )
+    zero = ds.get("zero_optimization", {})
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key) == "auto":
+            zero[key] = int(min(max(params, 1), 5e7))
     for precision in ("bf16", "fp16"):
         section = ds.get(precision)
         if isinstance(section, dict) and section.get("enabled") == "auto":

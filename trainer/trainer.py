@@ -36,7 +36,7 @@ class Trainer:
         self.backbone, self.frozen = build_frozen(cfg, dist)
         side = build_side_network(cfg.side, self.backbone)
         bf16_ok = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        ds_config = resolve_deepspeed_config(cfg, dist.world_size, bf16_ok)
+        ds_config = resolve_deepspeed_config(cfg, dist.world_size, bf16_ok, count_params(side))
         self.dtype = (
             torch.bfloat16
             if ds_config.get("bf16", {}).get("enabled")
