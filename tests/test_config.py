@@ -19,7 +19,12 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 
 def test_repo_configs_load():
-    for name in ("configs/demo.yaml", "configs/ssv2_vitb16.yaml", "configs/k400_vitl14.yaml"):
+    for name in (
+        "configs/demo.yaml",
+        "configs/ssv2_vitb16.yaml",
+        "configs/k400_vitl14.yaml",
+        "configs/ssv2_vite14.yaml",
+    ):
         load_config(name)
 
 

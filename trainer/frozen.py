@@ -10,8 +10,8 @@ block runs and frees them after. Every rank must then run the same number of fro
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import deepspeed
@@ -21,12 +21,10 @@ from models import FrozenViT, build_backbone
 from trainer.config import ConfigError, RunConfig
 from trainer.distributed import DistInfo
 
-log = logging.getLogger(__name__)
-
 FrozenForward = Callable[[torch.Tensor], Iterator[torch.Tensor]]
 
 
-def resolve_frozen_config(cfg: RunConfig, dist: DistInfo, bf16_supported: bool, largest_param: int) -> dict:
+def resolve_frozen_config(cfg: RunConfig, bf16_supported: bool, largest_param: int) -> dict:
     """Read the frozen model's DeepSpeed JSON and fill its "auto" values."""
     path = Path(cfg.train.frozen_deepspeed_config)
     if not path.is_file():
@@ -55,7 +53,7 @@ def resolve_frozen_config(cfg: RunConfig, dist: DistInfo, bf16_supported: bool, 
 
 def largest_parameter(cfg: RunConfig) -> int:
     with torch.device("meta"):
-        model = build_backbone(cfg.backbone.__class__(**{**cfg.backbone.__dict__, "pretrained": None}))
+        model = build_backbone(replace(cfg.backbone, pretrained=None))
     return max(p.numel() for p in model.parameters())
 
 
@@ -65,7 +63,7 @@ def build_frozen(cfg: RunConfig, dist: DistInfo) -> tuple[FrozenViT, FrozenForwa
         model = build_backbone(cfg.backbone).to(dist.device)
         return model, model
     bf16_ok = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ds = resolve_frozen_config(cfg, dist, bf16_ok, largest_parameter(cfg))
+    ds = resolve_frozen_config(cfg, bf16_ok, largest_parameter(cfg))
     model = build_backbone(
         cfg.backbone,
         construct=lambda: deepspeed.zero.Init(config_dict_or_path=ds),

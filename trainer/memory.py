@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -79,13 +79,12 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _frozen_placement(cfg: RunConfig) -> tuple[str, int]:
-    """(offload device or "none", ZeRO stage) of the frozen model; ("whole", 0) when not sharded."""
+def _frozen_placement(cfg: RunConfig) -> str:
+    """Where a partitioned frozen model lives: "none" (accelerator), "cpu" or "nvme"; "whole" if unsharded."""
     if not cfg.train.frozen_deepspeed_config:
-        return "whole", 0
+        return "whole"
     ds = json.loads(Path(cfg.train.frozen_deepspeed_config).read_text())
-    offload = ds.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
-    return offload, 3
+    return ds.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
 
 
 def _side_state(params: int, zero: dict, world: int, bf16: bool) -> tuple[int, int, int]:
@@ -111,12 +110,9 @@ def _side_state(params: int, zero: dict, world: int, bf16: bool) -> tuple[int, i
     return parameters, gradients, optimizer
 
 
-def simulate_step(cfg: RunConfig) -> tuple[int, int, int]:
-    """(dynamic peak, saved activations, frozen-block transient) of one training step, run on meta tensors."""
-    with torch.device("meta"):
-        backbone_cfg = cfg.backbone.__class__(**{**cfg.backbone.__dict__, "pretrained": None})
-        backbone = build_backbone(backbone_cfg)
-        side = build_side_network(cfg.side, backbone)
+def simulate_step(cfg: RunConfig, backbone, side) -> tuple[int, int, int]:
+    """(dynamic peak, saved activations, frozen-block transient) of one training step of the meta-device
+    ``backbone`` and ``side`` at the configured batch shape."""
     size, frames, batch = backbone.image_size, cfg.data.num_frames, cfg.data.batch_size
     dtype = DTYPES[cfg.backbone.dtype]
     clips = torch.zeros(batch, frames, 3, size, size, device="meta")
@@ -146,13 +142,12 @@ def simulate_step(cfg: RunConfig) -> tuple[int, int, int]:
 def plan_memory(cfg: RunConfig, world_size: int = 1, accelerator: bool = True) -> MemoryPlan:
     """Predict one rank's peak memory for ``cfg`` on ``world_size`` ranks."""
     with torch.device("meta"):
-        backbone_cfg = cfg.backbone.__class__(**{**cfg.backbone.__dict__, "pretrained": None})
-        backbone = build_backbone(backbone_cfg)
+        backbone = build_backbone(replace(cfg.backbone, pretrained=None))
         side = build_side_network(cfg.side, backbone)
     weight_bytes = DTYPES[cfg.backbone.dtype].itemsize
     frozen_total = sum(p.numel() for p in backbone.parameters()) * weight_bytes
     block = max(sum(p.numel() for p in b.parameters()) for b in backbone.blocks) * weight_bytes
-    offload, _ = _frozen_placement(cfg)
+    offload = _frozen_placement(cfg)
     if offload == "whole":
         frozen, frozen_on, gathered = frozen_total, "accelerator", 0
     else:
@@ -165,7 +160,7 @@ def plan_memory(cfg: RunConfig, world_size: int = 1, accelerator: bool = True) -
     parameters, gradients, optimizer = _side_state(
         side_params, side_ds.get("zero_optimization", {}), world_size, bf16
     )
-    dynamic, saved, transient = simulate_step(cfg)
+    dynamic, saved, transient = simulate_step(cfg, backbone, side)
     # The step's dynamic peak already holds the gradients it creates; ZeRO-2 keeps only a partition of them.
     dynamic_without_grads = max(dynamic - side_params * 4, saved)
     on_accelerator = parameters + gradients + optimizer + dynamic_without_grads + gathered
