@@ -61,6 +61,13 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def eva_state_dict(model) -> dict:
+    """A backbone's weights under EVA-CLIP's checkpoint names (``visual.*``)."""
+    from models.eva_vit import EVA_RENAMES
+
+    return {f"visual.{EVA_RENAMES.get(k, k)}": v.clone() for k, v in model.state_dict().items()}
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """3 unequal training shards (20 clips) and 2 test shards (12 clips) of the synthetic motion task."""

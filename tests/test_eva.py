@@ -7,7 +7,7 @@ import torch
 
 from launch.convert_checkpoint import main as convert_main
 from models import BackboneConfig, SideConfig, build_backbone, build_side_network
-from models.eva_vit import EVA_RENAMES
+from tests.conftest import eva_state_dict
 
 
 def test_vit_e_has_the_published_size_and_block_shapes():
@@ -36,7 +36,7 @@ def test_post_norm_block():
 
 def eva_checkpoint(model) -> dict[str, torch.Tensor]:
     """The model's weights under EVA-CLIP's key names, with a text tower beside them."""
-    weights = {f"visual.{EVA_RENAMES.get(k, k)}": v.clone() for k, v in model.state_dict().items()}
+    weights = eva_state_dict(model)
     weights["text.token_embedding.weight"] = torch.randn(10, 4)
     weights["logit_scale"] = torch.tensor(4.6)
     return weights

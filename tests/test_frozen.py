@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from models import BackboneConfig, build_backbone
-from models.eva_vit import EVA_RENAMES
-from tests.conftest import launch, records, tiny_overrides
+from tests.conftest import eva_state_dict, launch, records, tiny_overrides
 
 
 def write_eva_checkpoint(path, name: str):
@@ -19,7 +18,7 @@ def write_eva_checkpoint(path, name: str):
     model = build_backbone(BackboneConfig(name=name))
     for param in model.parameters():
         param.data.normal_(0, 0.2)
-    torch.save({f"visual.{EVA_RENAMES.get(k, k)}": v for k, v in model.state_dict().items()}, path)
+    torch.save(eva_state_dict(model), path)
     return path
 
 

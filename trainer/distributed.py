@@ -26,6 +26,10 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def bf16_supported(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

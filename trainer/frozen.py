@@ -24,7 +24,7 @@ from trainer.distributed import DistInfo
 FrozenForward = Callable[[torch.Tensor], Iterator[torch.Tensor]]
 
 
-def resolve_frozen_config(cfg: RunConfig, bf16_supported: bool, largest_param: int) -> dict:
+def resolve_frozen_config(cfg: RunConfig, bf16_supported: bool) -> dict:
     """Read the frozen model's DeepSpeed JSON and fill its "auto" values."""
     path = Path(cfg.train.frozen_deepspeed_config)
     if not path.is_file():
@@ -45,13 +45,14 @@ def resolve_frozen_config(cfg: RunConfig, bf16_supported: bool, largest_param: i
         if offload.get("nvme_path", "auto") == "auto":
             offload["nvme_path"] = str(Path(cfg.train.offload_dir).resolve())
         if offload.get("buffer_size", "auto") == "auto":
-            offload["buffer_size"] = int(largest_param)  # each swap buffer must hold the largest tensor
+            offload["buffer_size"] = largest_parameter(cfg)  # each swap buffer must hold the largest tensor
         Path(offload["nvme_path"]).mkdir(parents=True, exist_ok=True)
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
 
 def largest_parameter(cfg: RunConfig) -> int:
+    """Elements of the backbone's largest tensor, from a meta-device build (nothing allocated)."""
     with torch.device("meta"):
         model = build_backbone(replace(cfg.backbone, pretrained=None))
     return max(p.numel() for p in model.parameters())
@@ -62,8 +63,7 @@ def build_frozen(cfg: RunConfig, dist: DistInfo) -> tuple[FrozenViT, FrozenForwa
     if not cfg.train.frozen_deepspeed_config:
         model = build_backbone(cfg.backbone).to(dist.device)
         return model, model
-    bf16_ok = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ds = resolve_frozen_config(cfg, bf16_ok, largest_parameter(cfg))
+    ds = resolve_frozen_config(cfg, dist.bf16_supported)
     model = build_backbone(
         cfg.backbone,
         construct=lambda: deepspeed.zero.Init(config_dict_or_path=ds),

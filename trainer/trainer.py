@@ -35,15 +35,9 @@ class Trainer:
 
         self.backbone, self.frozen = build_frozen(cfg, dist)
         side = build_side_network(cfg.side, self.backbone)
-        bf16_ok = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        ds_config = resolve_deepspeed_config(cfg, dist.world_size, bf16_ok, count_params(side))
-        self.dtype = (
-            torch.bfloat16
-            if ds_config.get("bf16", {}).get("enabled")
-            else torch.float16
-            if ds_config.get("fp16", {}).get("enabled")
-            else torch.float32
-        )
+        trainable = count_params(side)
+        ds_config = resolve_deepspeed_config(cfg, dist.world_size, dist.bf16_supported, trainable)
+        self.dtype = compute_dtype(ds_config)
         optimizer = build_optimizer(cfg.optim, side)
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -60,7 +54,6 @@ class Trainer:
         if dist.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
         frozen = sum(getattr(p, "ds_numel", p.numel()) for p in self.backbone.parameters())
-        trainable = count_params(side)
         self.metrics.write(
             f"backbone {cfg.backbone.pretrained or cfg.backbone.name}: {frozen:,} frozen params, "
             f"taps {self.backbone.taps}; side network: {trainable:,} trainable params; "
@@ -211,6 +204,15 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+
+
+def compute_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the side engine computes in, as its DeepSpeed config says."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 def _as_float(value) -> float:
