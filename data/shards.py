@@ -11,15 +11,19 @@ Streaming contract:
   trainer stores them in checkpoints and a resumed stream skips exactly the consumed raw samples, without
   decoding them.
 - A sample that cannot be used (undecodable video, missing or bad label, too few frames, ...) is skipped and
-  counted by kind; it never ends the run.
+  counted by kind; it never ends the run, unless more than ``max_skip_fraction`` of a slot's samples are
+  bad: then one ``DataError`` says the dataset looks broken.
+- Shards are local paths or fsspec URLs (``s3://``, ``gs://``, ``https://``, ...). ``pipe:`` URLs run a shell
+  command and are refused unless ``allow_pipe`` is set.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +41,7 @@ from data.video import (
     open_video,
     random_resized_crop_box,
     read_frames,
+    read_frames_at,
     segment_indices,
 )
 
@@ -52,7 +57,13 @@ SKIP_KINDS = (
     "broken_shard",
     "unreachable_shard",
 )
+SHARD_SKIPS = ("broken_shard", "unreachable_shard")  # the others are counted per sample
 WARN_LIMIT = 5  # warnings logged per skip kind and worker; the rest are only counted
+SKIP_CHECK_AFTER = 100  # samples a slot reads before the skip-rate ceiling applies
+
+
+class DataError(Exception):
+    """The data cannot be used as configured: a refused URL, or a dataset that is mostly broken."""
 
 
 @dataclass
@@ -87,12 +98,41 @@ class DataConfig:
     """Temporal clips per test video."""
     eval_crops: int = 1
     """Spatial crops per test clip (1: centre, 3: start/centre/end)."""
+    decode_size: list[int] = field(default_factory=list)
+    """[height, width] training frames are scaled to while decoding (decord), before cropping; empty decodes
+    at the video's own size. Required by augment_on=device (the device batch needs one size)."""
+    augment_on: str = "cpu"
+    """Where training clips are cropped and augmented: "cpu" (in the workers) or "device" (in batch, kornia:
+    random resized crop, flip, colour jitter, RandAugment; workers then only decode at decode_size)."""
+    color_jitter: float = 0.0
+    """Colour-jitter strength on the device (brightness, contrast, saturation; hue a quarter), 0 = off."""
+    randaugment: list[int] = field(default_factory=lambda: [0, 9])
+    """[ops per clip, magnitude 0-30] of RandAugment on the device; 0 ops = off."""
+    max_skip_fraction: float = 0.2
+    """Stop with an error once more than this fraction of a slot's samples were skipped (checked after its
+    first 100 samples); 1 never stops."""
+    allow_pipe: bool = False
+    """Allow ``pipe:COMMAND`` shard URLs, which run COMMAND in a shell."""
 
     def __post_init__(self):
         if self.num_frames < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.num_frames, data.batch_size and data.eval_batch_size must be positive")
         if self.eval_crops not in (1, 3):
             raise ValueError(f"data.eval_crops must be 1 or 3, got {self.eval_crops}")
+        if self.augment_on not in ("cpu", "device"):
+            raise ValueError(f"data.augment_on must be 'cpu' or 'device', got {self.augment_on!r}")
+        if self.decode_size and (len(self.decode_size) != 2 or min(self.decode_size) < 1):
+            raise ValueError(f"data.decode_size must be [height, width] or empty, got {self.decode_size}")
+        if self.augment_on == "device" and not self.decode_size:
+            raise ValueError("data.augment_on=device needs data.decode_size (one frame size per batch)")
+        if len(self.randaugment) != 2 or self.randaugment[0] < 0 or not 0 <= self.randaugment[1] <= 30:
+            raise ValueError(f"data.randaugment must be [ops >= 0, magnitude 0-30], got {self.randaugment}")
+        if self.augment_on == "cpu" and (self.color_jitter or self.randaugment[0]):
+            raise ValueError(
+                "data.color_jitter and data.randaugment run on the device: set data.augment_on=device"
+            )
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"data.max_skip_fraction must be within [0, 1], got {self.max_skip_fraction}")
         if self.eval_clips < 1:
             raise ValueError(f"data.eval_clips must be >= 1, got {self.eval_clips}")
         if len(self.train_scale) != 2 or not 0 < self.train_scale[0] <= self.train_scale[1] <= 1:
@@ -107,17 +147,31 @@ class DataConfig:
         return self.eval_clips * self.eval_crops
 
 
-def expand_shards(spec: str) -> list[str]:
-    """Brace patterns and '::'-joined lists -> shard URLs. Local paths must exist."""
+def expand_shards(spec: str, allow_pipe: bool = False) -> list[str]:
+    """Brace patterns and '::'-joined lists -> shard URLs. Local paths must exist; ``pipe:`` URLs need
+    ``allow_pipe``."""
     urls = [url for part in spec.split("::") if part for url in braceexpand.braceexpand(part)]
     if not urls:
         raise ValueError(f"no shards in {spec!r}")
-    missing = [u for u in urls if "://" not in u and not Path(u).exists()]
+    if not allow_pipe and any(url.startswith("pipe:") for url in urls):
+        raise DataError(
+            f"{spec!r}: pipe: URLs run shell commands and are refused; set data.allow_pipe=true to read them"
+        )
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]!r} (from {spec!r})"
         )
     return urls
+
+
+def open_shard(url: str, allow_pipe: bool = False):
+    """A binary stream of one shard: ``pipe:COMMAND``'s output (if allowed), else through fsspec."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise DataError(f"{url}: pipe: URLs are refused unless data.allow_pipe=true")
+        return subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE).stdout
+    return fsspec.open(url, "rb").open()
 
 
 class SkipSample(Exception):
@@ -171,13 +225,21 @@ class VideoClipDecoder:
         cfg = self.cfg
         label = parse_label(sample, self.num_classes)
         try:
-            reader = open_video(video_bytes(sample), cfg.decode_threads)
+            size = tuple(cfg.decode_size) if self.train and cfg.decode_size else None
+            video = video_bytes(sample)
+            reader = open_video(video, cfg.decode_threads, size)
             total = len(reader)
             if total < max(cfg.num_frames, cfg.min_frames):
                 raise SkipSample("too_few_frames", f"{total} frames < {max(cfg.num_frames, cfg.min_frames)}")
             if self.train:
                 rng = sample_rng(self.seed, epoch, sample["__key__"])
-                frames = read_frames(reader, segment_indices(total, cfg.num_frames, rng=rng))
+                indices = segment_indices(total, cfg.num_frames, rng=rng)
+                if size:
+                    frames = read_frames_at(video, indices, size, cfg.decode_threads, reader)
+                else:
+                    frames = read_frames(reader, indices)
+                if cfg.augment_on == "device":  # cropped and augmented in batch on the device
+                    return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), label  # (T, 3, H, W)
                 box = random_resized_crop_box(
                     *frames.shape[1:3], rng, tuple(cfg.train_scale), tuple(cfg.train_ratio)
                 )
@@ -233,8 +295,11 @@ class VideoShards(IterableDataset):
         shuffle_buffer: int = 0,
         resume: dict[int, dict] | None = None,
         worker_offset: int = 0,
+        max_skip_fraction: float = 1.0,
+        allow_pipe: bool = False,
     ):
         super().__init__()
+        self.max_skip_fraction, self.allow_pipe = max_skip_fraction, allow_pipe
         self.urls, self.decoder, self.batch_size, self.train, self.seed = (
             urls,
             decoder,
@@ -264,7 +329,9 @@ class VideoShards(IterableDataset):
                 return True
 
             try:
-                stream = fsspec.open(url, "rb").open()
+                stream = open_shard(url, self.allow_pipe)
+            except DataError:
+                raise
             except Exception as exc:
                 skips["unreachable_shard"] += 1
                 _warn(skips, "unreachable_shard", f"{url}: {exc}")
@@ -291,6 +358,7 @@ class VideoShards(IterableDataset):
         state = self.resume.get(slot, {})
         epoch, skip = state.get("epoch", 0), state.get("position", 0)
         skips = Counter(state.get("skips", {}))
+        seen = state.get("seen", 0)  # samples read (used or skipped) by this slot, over all epochs
         clips, labels, keys = [], [], []
         while True:
             position = used = 0
@@ -298,18 +366,20 @@ class VideoShards(IterableDataset):
                 position += 1
                 if position <= skip:
                     continue
+                seen += 1
                 try:
                     clip, label = self.decoder(sample, epoch)
                 except SkipSample as exc:
                     skips[exc.kind] += 1
                     _warn(skips, exc.kind, f"{sample.get('__key__')} in {sample.get('__url__')}: {exc}")
+                    self._check_skip_rate(slot, seen, skips)
                     continue
                 used += 1
                 clips.append(clip)
                 labels.append(label)
                 keys.append(sample["__key__"])
                 if len(clips) == self.batch_size:
-                    yield _batch(clips, labels, keys, slot, epoch, position, skips)
+                    yield _batch(clips, labels, keys, slot, epoch, position, seen, skips)
                     clips, labels, keys = [], [], []
             if not self.train:
                 break
@@ -319,8 +389,17 @@ class VideoShards(IterableDataset):
                     f"(skipped: {dict(skips)})"
                 )
             epoch, skip = epoch + 1, 0
-        if clips:
-            yield _batch(clips, labels, keys, slot, epoch, position, skips)
+        if clips or skips:  # evaluation: the last batch carries the final skip counts, even without clips
+            yield _batch(clips, labels, keys, slot, epoch, position, seen, skips)
+
+    def _check_skip_rate(self, slot: int, seen: int, skips: Counter) -> None:
+        bad = sum(n for kind, n in skips.items() if kind not in SHARD_SKIPS)
+        if seen >= SKIP_CHECK_AFTER and bad > self.max_skip_fraction * seen:
+            raise DataError(
+                f"slot {slot} skipped {bad} of its {seen} samples ({bad / seen:.0%}), more than "
+                f"data.max_skip_fraction={self.max_skip_fraction}: the data looks broken. "
+                f"Skipped by kind: {dict(skips)}; the first of each kind are logged above."
+            )
 
 
 def _warn(skips: Counter, kind: str, message: str) -> None:
@@ -329,13 +408,13 @@ def _warn(skips: Counter, kind: str, message: str) -> None:
         log.warning("skipped sample: %s: %s%s", kind, message, suffix)
 
 
-def _batch(clips, labels, keys, slot, epoch, position, skips) -> dict:
+def _batch(clips, labels, keys, slot, epoch, position, seen, skips) -> dict:
     return {
-        "frames": torch.stack(clips),  # (B, T, 3, S, S) or (B, V, T, 3, S, S), uint8
+        "frames": torch.stack(clips) if clips else None,  # (B, T, 3, S, S) or (B, V, T, 3, S, S), uint8
         "labels": torch.tensor(labels, dtype=torch.long),
         "keys": list(keys),
         "slot": slot,
-        "state": {"epoch": epoch, "position": position, "skips": dict(skips)},
+        "state": {"epoch": epoch, "position": position, "seen": seen, "skips": dict(skips)},
     }
 
 
@@ -349,9 +428,10 @@ def build_loader(
     world_size: int,
     resume: dict[int, dict] | None = None,
     worker_offset: int = 0,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
     """The training (endless) or evaluation (one pass) loader of one rank."""
-    urls = expand_shards(cfg.train_shards if train else cfg.eval_shards)
+    urls = expand_shards(cfg.train_shards if train else cfg.eval_shards, cfg.allow_pipe)
     decoder = VideoClipDecoder(cfg, image_size, num_classes, train, seed)
     dataset = VideoShards(
         urls,
@@ -364,6 +444,14 @@ def build_loader(
         cfg.shuffle_buffer,
         resume,
         worker_offset,
+        cfg.max_skip_fraction,
+        cfg.allow_pipe,
     )
     workers = cfg.num_workers
-    return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=worker_init_fn if workers else None,
+    )

@@ -20,14 +20,18 @@ class VideoDecodeError(Exception):
     """The bytes could not be opened or decoded as a video."""
 
 
-def open_video(data: bytes, threads: int = 1):
-    """A decord reader over in-memory bytes (decord copies them)."""
+def open_video(data: bytes, threads: int = 1, size: tuple[int, int] | None = None):
+    """A decord reader over in-memory bytes (decord copies them); ``size`` (height, width) makes decord scale
+    frames while decoding, far cheaper than decoding at full size and resizing afterwards."""
     import decord  # imported lazily: its native library is loaded only in processes that decode
 
     if not data:
         raise VideoDecodeError("empty video bytes")
+    height, width = size or (-1, -1)
     try:
-        return decord.VideoReader(io.BytesIO(data), num_threads=threads, ctx=decord.cpu(0))
+        return decord.VideoReader(
+            io.BytesIO(data), num_threads=threads, ctx=decord.cpu(0), width=width, height=height
+        )
     except Exception as exc:  # decord raises DECORDError or RuntimeError for anything it cannot read
         raise VideoDecodeError(str(exc).splitlines()[0][:200]) from exc
 
@@ -38,6 +42,28 @@ def read_frames(reader, indices: np.ndarray) -> np.ndarray:
         return reader.get_batch(indices.tolist()).asnumpy()
     except Exception as exc:
         raise VideoDecodeError(str(exc).splitlines()[0][:200]) from exc
+
+
+def read_frames_at(data: bytes, indices: np.ndarray, size: tuple[int, int], threads: int = 1, reader=None):
+    """Frames at ``indices`` scaled to ``size`` (height, width) while decoding, as (T, h, w, 3) uint8.
+
+    decord fails to scale to some widths (for example 48: its row-size check), so on failure the frames are
+    decoded at full size and resized here instead.
+    """
+    try:
+        return read_frames(reader or open_video(data, threads, size), indices)
+    except VideoDecodeError:
+        frames = torch.from_numpy(read_frames(open_video(data, threads), indices)).permute(0, 3, 1, 2)
+        return resize_uint8(frames, size).permute(0, 2, 3, 1).numpy()
+
+
+def resize_uint8(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(T, 3, h, w) uint8 -> (T, 3, *size) uint8, bilinear and antialiased.
+
+    Interpolating uint8 directly takes torch's vectorised uint8 kernel, which is fastest on channels-last
+    memory, the layout of decoded (T, h, w, 3) frames seen as (T, 3, h, w): 7x faster than going via float.
+    """
+    return F.interpolate(frames, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def segment_indices(
@@ -105,10 +131,7 @@ def crop_resize(frames: np.ndarray, box: Box, size: int) -> torch.Tensor:
     clip = torch.from_numpy(np.ascontiguousarray(frames[:, top : top + h, left : left + w]))
     clip = clip.permute(0, 3, 1, 2)  # (T, 3, h, w)
     if (h, w) != (size, size):
-        clip = F.interpolate(
-            clip.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-        clip = clip.round_().clamp_(0, 255).to(torch.uint8)
+        clip = resize_uint8(clip, (size, size))
     return clip.contiguous()
 
 

@@ -39,7 +39,7 @@ def test_training_batches(tiny_shards):
     batch = next(iter(loader))
     assert batch["frames"].shape == (4, TINY_FRAMES, 3, TINY_SIZE, TINY_SIZE)
     assert batch["frames"].dtype == torch.uint8 and batch["labels"].dtype == torch.long
-    assert batch["state"] == {"epoch": 0, "position": 4, "skips": {}}
+    assert batch["state"] == {"epoch": 0, "position": 4, "seen": 4, "skips": {}}
 
 
 def test_training_stream_is_endless_and_covers_every_sample_each_epoch(tiny_shards):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.conftest import launch
@@ -28,13 +29,36 @@ def test_plan_for_full_vit_e_needs_no_memory():
     assert plan.frozen_weights_on == "host"
     assert 4.35e9 * 4 / 8 <= plan.frozen_weights <= 4.45e9 * 4 / 8  # one eighth of the fp32 ViT-E
     assert plan.frozen_gathered > 0 and plan.saved_activations > 0 and plan.accelerator_bytes > 0
+    # At most stage3_max_live_parameters (1e8) are gathered at once, plus the all-gather input (1/8 of it).
+    assert plan.frozen_gathered <= 1e8 * 4 * (1 + 1 / 8)
+
+    nvme = [*overrides[:-1], "train.frozen_deepspeed_config=deepspeed_configs/frozen_zero3_offload_nvme.json"]
+    on_nvme = plan_memory(load_config(None, nvme), world_size=8, accelerator=True)
+    assert on_nvme.frozen_weights_on == "nvme" and on_nvme.frozen_swap_buffers > 0
+    assert on_nvme.host_bytes == on_nvme.frozen_swap_buffers < plan.frozen_weights
 
 
-def test_plan_matches_a_measured_training_step(tmp_path):
-    # The side network under ZeRO-2 beside a whole frozen CLIP: predicted within 15% of the tensor peak.
+PLANNED_RUNS = {
+    # The side network under ZeRO-2 beside a whole frozen CLIP.
+    "zero2-whole-clip": (1, ["data.batch_size=4"]),
+    # A full-width B/16 (two blocks) feeding a d=320 side network under ZeRO-1.
+    "zero1-vit-b16": (1, ["backbone.name=vit-b16", "backbone.num_layers=2", "side.width=320",
+                          "data.num_frames=4", "data.batch_size=2",
+                          "train.deepspeed_config=deepspeed_configs/side_zero1.json"]),
+    # A ZeRO-3-partitioned EVA with CPU offload on 2 ranks: gathered and prefetched weights dominate.
+    "zero3-offload-2ranks": (2, ["backbone.name=eva-small", "side.width=64", "data.batch_size=4",
+                                 "train.frozen_deepspeed_config=deepspeed_configs/frozen_zero3_offload_cpu.json"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PLANNED_RUNS)
+def test_plan_matches_measured_training_steps(name, tmp_path):
+    # Predicted within 15% of the tensor-level peak of the real trainer (largest over ranks).
+    ranks, overrides = PLANNED_RUNS[name]
     out = tmp_path / "plan.json"
-    args = ["--config", "configs/demo.yaml", "--cpu", "--measure", "--json", str(out), "data.batch_size=4"]
-    result = launch(args, script="launch/plan_memory.py", timeout=300)
+    args = ["--config", "configs/demo.yaml", "--cpu", "--measure", "--json", str(out), *overrides]
+    result = launch(args, script="launch/plan_memory.py", ranks=ranks, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    ratio = json.loads(out.read_text())["predicted_over_measured"]
-    assert 0.85 <= ratio <= 1.15, ratio
+    plan = json.loads(out.read_text())
+    assert plan["world_size"] == ranks
+    assert 0.85 <= plan["predicted_over_measured"] <= 1.15, plan

@@ -201,3 +201,22 @@ def test_pretrained_directory_missing_weights_is_an_error(tmp_path):
     save_file(dropped, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(KeyError, match=r"\d+ missing \['encoder\.layers\.1\."):
         build_backbone(BackboneConfig(name="tiny", pretrained=str(tmp_path)))
+
+
+def test_checkpointed_side_blocks_give_the_same_step_with_fewer_saved_activations():
+    from trainer.memory import PeakMemory
+
+    backbone, plain = build(layers=4)
+    checkpointed = build_side_network(SideConfig(width=32, num_classes=5, checkpoint=True), backbone)
+    checkpointed.load_state_dict(plain.state_dict())
+    frames = clips(batch=4)
+    peaks = {}
+    for name, side in (("plain", plain), ("checkpointed", checkpointed)):
+        with PeakMemory() as tracker:
+            run(backbone, side, frames).logsumexp(-1).sum().backward()
+        peaks[name] = tracker.peak
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+    for (name, a), b in zip(plain.named_buffers(), checkpointed.buffers(), strict=True):
+        assert torch.equal(a, b), name  # batch-norm running statistics updated once, not again in recompute
+    assert peaks["checkpointed"] < 0.7 * peaks["plain"], peaks

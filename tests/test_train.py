@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from data.writer import write_shards
-from tests.conftest import launch, records, tiny_overrides
+from tests.conftest import REPO, launch, records, tiny_overrides
 
 
 def test_single_process_run_writes_the_run_directory_and_counts_bad_samples(tiny_shards, tmp_path):
@@ -94,3 +99,28 @@ def test_two_rank_deepspeed_run_resumes_with_the_same_next_step_loss(tiny_shards
     for step in (4, 5, 6):
         assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-6, abs=1e-6)
     assert full_losses[4] != pytest.approx(full_losses[1])
+
+
+def test_sigterm_saves_at_a_step_boundary_and_the_rerun_resumes(tiny_shards, tmp_path):
+    # What a scheduler's preemption does, without SLURM: SIGTERM mid-run -> checkpoint, exit code 3.
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(tiny_shards, run_dir, **{"train.steps": 400})
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launch.train", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").is_file() or "loss" not in (run_dir / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 3, output[-2000:]
+    stopped = (run_dir / "checkpoints" / "latest").read_text()
+    step = int(stopped.removeprefix("step"))
+    assert f"step {step}: stopped by a signal" in output and 0 < step < 400
+
+    result = launch(tiny_overrides(tiny_shards, run_dir, **{"train.steps": step + 2}))
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert logged == list(range(1, step + 3))  # resumed after the saved step: nothing repeated or lost

@@ -63,7 +63,10 @@ class Checkpointer:
 
     def load(self, engine) -> dict | None:
         """Restore the newest complete checkpoint into ``engine``; return this rank's training state."""
-        tag = self.latest_tag() if self.cfg.resume else None
+        latest = self.latest_tag()
+        if self.dist.is_main:
+            self._drop_incomplete(latest)
+        tag = latest if self.cfg.resume else None
         if tag is None:
             return None
         loaded, client = engine.load_checkpoint(
@@ -83,6 +86,13 @@ class Checkpointer:
             state = {"step": client["step"]}
         log.info("resumed from %s at step %d", self.dir / tag, state["step"])
         return state
+
+    def _drop_incomplete(self, latest: str | None) -> None:
+        """Delete checkpoints newer than ``latest``: saves interrupted before every rank had finished."""
+        for path in sorted(self.dir.glob("step*")):
+            if path.is_dir() and (latest is None or path.name > latest):
+                log.warning("removing %s: its save was interrupted (not named by 'latest')", path)
+                shutil.rmtree(path, ignore_errors=True)
 
     def _prune(self, keep_tag: str) -> None:
         tags = sorted(p for p in self.dir.glob("step*") if p.is_dir())

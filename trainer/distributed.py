@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -37,12 +38,53 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM nodelist: ``gpu[003-010,012],cpu1`` -> ``gpu003``."""
+    head = re.match(r"([^,\[]*)(\[([^\]]*)\])?", nodelist.strip())
+    prefix, ranges = head.group(1), head.group(3)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def _tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """Tasks on node ``node`` from SLURM's compressed count list: ``2(x3),1`` -> 2, 2, 2, 1."""
+    counts = []
+    for item in tasks_per_node.split(","):
+        count, _, repeat = item.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[node]
+
+
+def env_from_slurm(env: dict[str, str]) -> dict[str, str]:
+    """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for an srun task.
+
+    ``srun`` (one task per GPU) and ``deepspeed --launcher slurm`` (which runs srun) set only SLURM's own
+    variables. The batch script itself is not a task (no SLURM_STEP_ID) and gets nothing. MASTER_ADDR and
+    MASTER_PORT that the job already exports win (node names need not resolve); otherwise the first node of
+    the step and a port derived from the job id, the same on every task.
+    """
+    if "RANK" in env or "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return {}
+    node = int(env.get("SLURM_NODEID", 0))
+    tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")),
+        "LOCAL_WORLD_SIZE": str(_tasks_on_node(tasks_per_node, node)),
+        "MASTER_ADDR": env.get("MASTER_ADDR")
+        or first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000),
+    }
+
+
 def init_distributed() -> DistInfo:
     """Join (or, alone, create) the process group on the accelerator DeepSpeed selected.
 
-    Launchers (deepspeed, torchrun) set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; a plain
-    ``python -m launch.train`` gets a one-process group on a free local port.
+    Launchers (deepspeed, torchrun) set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; srun tasks
+    get them from SLURM's variables (``env_from_slurm``); a plain ``python -m launch.train`` gets a
+    one-process group on a free local port.
     """
+    os.environ.update(env_from_slurm(dict(os.environ)))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -51,15 +93,19 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
-        # Ranks on one host share its cores; oversubscribed threads slow every rank down.
+        # Ranks on one host share its cores (SLURM says how many are this task's); oversubscribed threads
+        # slow every rank down, by 10x in stalls on a 2-core host.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or (os.cpu_count() or 1) // max(1, local_world)
+        torch.set_num_threads(max(1, cpus))
         device = torch.device("cpu")
     else:
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    log.info("rank %d of %d (local rank %d) on node %s", rank, world_size, local_rank, node)
     return DistInfo(rank, local_rank, world_size, device)
 
 

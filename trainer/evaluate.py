@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -84,11 +85,21 @@ def evaluate(
         batches: loader batches with ``frames`` (B, V, T, 3, H, W) uint8, ``labels`` and ``keys``.
         filler: a batch of the same layout run (and discarded) while other ranks still have data.
     Returns:
-        ``top1``, ``top5`` and ``num_videos`` over the union of all ranks (each key counted once).
+        ``top1``, ``top5`` and ``num_videos`` over the union of all ranks (each key counted once), and the
+        evaluation samples skipped (``skipped`` and ``skipped/KIND``).
     """
     generator = torch.Generator().manual_seed(seed)
     keys, scores, labels = [], [], []
-    for batch, real in lockstep(batches, filler, device):
+    slot_skips: dict[int, dict] = {}  # each slot's skip counts are cumulative: keep its last
+
+    def with_videos(batches: Iterable[dict]) -> Iterator[dict]:
+        for batch in batches:
+            if "state" in batch:
+                slot_skips[batch["slot"]] = batch["state"]["skips"]
+            if batch["keys"]:  # a slot's last batch may only carry its final skip counts
+                yield batch
+
+    for batch, real in lockstep(with_videos(batches), filler, device):
         frames = reorder_frames(batch["frames"], order, generator)
         videos, views = frames.shape[:2]
         clips = normalize(frames.to(device, non_blocking=True).flatten(0, 1), dtype)  # (B*V, T, 3, H, W)
@@ -98,15 +109,23 @@ def evaluate(
         keys.extend(batch["keys"])
         scores.append(probs.cpu().numpy())
         labels.append(batch["labels"].numpy())
-    local = (keys, np.concatenate(scores) if scores else None, np.concatenate(labels) if labels else None)
-    merged_scores, merged_labels, seen = {}, {}, set()
-    for rank_keys, rank_scores, rank_labels in all_gather_objects(local):
+    local = (
+        keys,
+        np.concatenate(scores) if scores else None,
+        np.concatenate(labels) if labels else None,
+        slot_skips,
+    )
+    merged_scores, merged_labels, seen, skipped = {}, {}, set(), Counter()
+    for rank_keys, rank_scores, rank_labels, rank_skips in all_gather_objects(local):
+        for counts in rank_skips.values():
+            skipped.update(counts)
         for i, key in enumerate(rank_keys):
             if key not in seen:  # a key seen twice would be a data-splitting bug; count it once
                 seen.add(key)
                 merged_scores[key], merged_labels[key] = rank_scores[i], rank_labels[i]
+    counts = {"skipped": sum(skipped.values()), **{f"skipped/{k}": n for k, n in sorted(skipped.items())}}
     if not seen:
-        return {"top1": 0.0, "top5": 0.0, "num_videos": 0}
+        return {"top1": 0.0, "top5": 0.0, "num_videos": 0, **counts}
     ordered = sorted(seen)
     all_scores = np.stack([merged_scores[k] for k in ordered])
     all_labels = np.array([merged_labels[k] for k in ordered])
@@ -114,4 +133,5 @@ def evaluate(
         "top1": topk_accuracy(all_scores, all_labels, 1),
         "top5": topk_accuracy(all_scores, all_labels, 5),
         "num_videos": len(ordered),
+        **counts,
     }

@@ -12,6 +12,7 @@ import deepspeed
 import torch
 import torch.nn.functional as F
 
+from data.augment import DeviceAugment
 from data.shards import SKIP_KINDS, build_loader
 from data.video import normalize
 from models import build_side_network, count_params
@@ -22,6 +23,7 @@ from trainer.evaluate import FRAME_ORDERS, evaluate
 from trainer.frozen import build_frozen
 from trainer.metrics import MetricsLogger, peak_memory_bytes
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.preemption import PreemptionWatch, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 class Trainer:
     def __init__(self, cfg: RunConfig, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
+        # From here on a stop signal is recorded and acted on at the next step boundary (see train).
+        self.preemption = PreemptionWatch().__enter__()
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
@@ -44,6 +48,9 @@ class Trainer:
             model=side, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
 
+        self.augment = (
+            DeviceAugment(cfg.data, self.backbone.image_size) if cfg.data.augment_on == "device" else None
+        )
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, dist)
         state = self.checkpointer.load(self.engine) or {}
         self.step: int = state.get("step", 0)
@@ -75,7 +82,10 @@ class Trainer:
             batch = next(batches)
             self.data_state[batch["slot"]] = batch["state"]
             self.batches_seen += 1
-            clips = normalize(batch["frames"].to(self.dist.device, non_blocking=True), self.dtype)
+            frames = batch["frames"].to(self.dist.device, non_blocking=True)  # (B, T, 3, H, W) uint8
+            if self.augment is not None:
+                frames = self.augment(frames)
+            clips = normalize(frames, self.dtype)
             logits = self.predict(clips)
             loss = F.cross_entropy(
                 logits.float(),
@@ -88,6 +98,8 @@ class Trainer:
         return total / self.cfg.train.grad_accum
 
     def train(self) -> dict:
+        """Train to ``train.steps`` and evaluate; or, on a stop signal, checkpoint and return
+        ``{"preempted": step}`` (every rank at the same step boundary)."""
         cfg = self.cfg
         batches = iter(self._loader(train=True))
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -105,6 +117,11 @@ class Trainer:
             if self.checkpointer.should_save(self.step):
                 self.save()
                 saved_at = self.step
+            if self.step < cfg.train.steps and self.preemption.requested(self.dist.device):
+                if saved_at != self.step:
+                    self.save()
+                self.metrics.write(f"step {self.step}: stopped by a signal; resume from the checkpoint")
+                return {"preempted": self.step}
         if saved_at != self.step:
             self.save()
         return self.final_evaluation()
@@ -155,6 +172,7 @@ class Trainer:
             self.dist.world_size,
             resume=self.data_state if train else None,
             worker_offset=self.batches_seen % workers if train else 0,
+            worker_init_fn=ignore_stop_signals,
         )
 
     # -- evaluation ------------------------------------------------------------------------------------------
@@ -203,6 +221,7 @@ class Trainer:
         return result
 
     def close(self) -> None:
+        self.preemption.__exit__()
         self.metrics.close()
 
 
