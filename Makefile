@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
+# DeepSpeed's compiled ops live in this environment, not in ~/.cache: a build killed elsewhere (its lock file
+# left behind) cannot make this one wait forever. trainer/__init__.py sets the same default for direct runs.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test lint format clean
 
@@ -20,7 +23,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	rm -f $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/lock
+	timeout 900 $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,9 +40,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# NVMe offload's async_io op, compiled once before the tests that use it (skipped if it cannot be built).
+# NVMe offload's async_io op, compiled once before the tests that use it (skipped if it cannot be built
+# within 15 minutes; ~3 min on 2 cores). Only make compiles here, so a lock left by a killed build is stale.
 $(VENV)/.aio: $(VENV)/.installed
-	-$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('AsyncIOBuilder'); \
+	rm -f $(TORCH_EXTENSIONS_DIR)/async_io/lock
+	-timeout 900 $(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('AsyncIOBuilder'); \
 	b.is_compatible(False) and b.load()"
 	touch $@
 
