@@ -1,6 +1,7 @@
 """WebDataset tar shards of videos -> batches of uint8 clips.
 
-A sample is ``KEY.mp4`` (or another container) + ``KEY.cls`` (integer label) + optional ``KEY.json``.
+A sample is ``KEY.mp4`` (or another container) + ``KEY.cls`` (integer label) + optional ``KEY.json``; for
+retrieval, ``KEY.json`` holds the captions and ``KEY.cls`` is not needed (see ``data.captions``).
 
 Streaming contract:
 - Each (rank, worker) pair is a *slot*. Shards are dealt to slots round-robin; with fewer shards than slots,
@@ -54,6 +55,8 @@ SKIP_KINDS = (
     "missing_label",
     "bad_label",
     "too_few_frames",
+    "missing_caption",
+    "bad_caption",
     "broken_shard",
     "unreachable_shard",
 )
@@ -113,6 +116,10 @@ class DataConfig:
     first 100 samples); 1 never stops."""
     allow_pipe: bool = False
     """Allow ``pipe:COMMAND`` shard URLs, which run COMMAND in a shell."""
+    tokenizer: str | None = None
+    """Retrieval: a local CLIPTokenizer directory (vocab.json + merges.txt, or tokenizer.json)."""
+    max_words: int = 32
+    """Retrieval: tokens per caption, start and end tokens included (longer ones are cut, keeping the end)."""
 
     def __post_init__(self):
         if self.num_frames < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -133,6 +140,8 @@ class DataConfig:
             )
         if not 0 <= self.max_skip_fraction <= 1:
             raise ValueError(f"data.max_skip_fraction must be within [0, 1], got {self.max_skip_fraction}")
+        if self.max_words < 3:
+            raise ValueError(f"data.max_words must be >= 3, got {self.max_words}")
         if self.eval_clips < 1:
             raise ValueError(f"data.eval_clips must be >= 1, got {self.eval_clips}")
         if len(self.train_scale) != 2 or not 0 < self.train_scale[0] <= self.train_scale[1] <= 1:
@@ -200,6 +209,19 @@ def parse_label(sample: dict, num_classes: int) -> int:
     return label
 
 
+class ClassLabel:
+    """The recognition target: the sample's class index. ``collate`` -> ``labels`` (B,)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def __call__(self, sample: dict, rng: np.random.Generator | None) -> int:
+        return parse_label(sample, self.num_classes)
+
+    def collate(self, targets: list[int]) -> dict:
+        return {"labels": torch.tensor(targets, dtype=torch.long)}
+
+
 def video_bytes(sample: dict) -> bytes:
     for ext in VIDEO_EXTENSIONS:
         if ext in sample:
@@ -210,20 +232,23 @@ def video_bytes(sample: dict) -> bytes:
 
 
 class VideoClipDecoder:
-    """Raw sample dict -> (frames uint8, label). Training: (T, 3, S, S); test: (views, T, 3, S, S)."""
+    """Raw sample dict -> (frames uint8, target). Training: (T, 3, S, S); test: (views, T, 3, S, S).
 
-    def __init__(self, cfg: DataConfig, image_size: int, num_classes: int, train: bool, seed: int):
-        self.cfg, self.size, self.num_classes, self.train, self.seed = (
-            cfg,
-            image_size,
-            num_classes,
-            train,
-            seed,
-        )
+    ``target`` is the number of classes (a ``ClassLabel``) or an object with the same interface, e.g.
+    ``data.captions.CaptionTarget``; its ``collate`` turns a batch's targets into batch entries.
+    """
 
-    def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, int]:
+    def __init__(self, cfg: DataConfig, image_size: int, target, train: bool, seed: int):
+        self.target = ClassLabel(target) if isinstance(target, int) else target
+        self.cfg, self.size, self.train, self.seed = cfg, image_size, train, seed
+
+    def collate(self, targets: list) -> dict:
+        return self.target.collate(targets)
+
+    def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, object]:
         cfg = self.cfg
-        label = parse_label(sample, self.num_classes)
+        key = sample.get("__key__", "")
+        target = self.target(sample, sample_rng(self.seed + 1, epoch, key) if self.train else None)
         try:
             size = tuple(cfg.decode_size) if self.train and cfg.decode_size else None
             video = video_bytes(sample)
@@ -239,14 +264,14 @@ class VideoClipDecoder:
                 else:
                     frames = read_frames(reader, indices)
                 if cfg.augment_on == "device":  # cropped and augmented in batch on the device
-                    return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), label  # (T, 3, H, W)
+                    return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), target  # (T, 3, H, W)
                 box = random_resized_crop_box(
                     *frames.shape[1:3], rng, tuple(cfg.train_scale), tuple(cfg.train_ratio)
                 )
                 clip = crop_resize(frames, box, self.size)
                 if cfg.hflip and rng.random() < 0.5:
                     clip = clip.flip(-1)
-                return clip, label
+                return clip, target
             indices = np.concatenate(
                 [
                     segment_indices(total, cfg.num_frames, clip=c, clips=cfg.eval_clips)
@@ -259,7 +284,7 @@ class VideoClipDecoder:
             raise SkipSample("decode_error", str(exc)) from exc
         boxes = crop_boxes(*frames.shape[2:4], cfg.eval_crops)
         views = [crop_resize(clip_frames, box, self.size) for clip_frames in frames for box in boxes]
-        return torch.stack(views), label
+        return torch.stack(views), target
 
 
 def shuffled(items: Iterator, buffer: int, rng: np.random.Generator) -> Iterator:
@@ -359,7 +384,8 @@ class VideoShards(IterableDataset):
         epoch, skip = state.get("epoch", 0), state.get("position", 0)
         skips = Counter(state.get("skips", {}))
         seen = state.get("seen", 0)  # samples read (used or skipped) by this slot, over all epochs
-        clips, labels, keys = [], [], []
+        clips, targets, keys = [], [], []
+        batch = self.decoder.collate
         while True:
             position = used = 0
             for sample in self._epoch_samples(epoch, slot, slots, skips):
@@ -368,7 +394,7 @@ class VideoShards(IterableDataset):
                     continue
                 seen += 1
                 try:
-                    clip, label = self.decoder(sample, epoch)
+                    clip, target = self.decoder(sample, epoch)
                 except SkipSample as exc:
                     skips[exc.kind] += 1
                     _warn(skips, exc.kind, f"{sample.get('__key__')} in {sample.get('__url__')}: {exc}")
@@ -376,11 +402,11 @@ class VideoShards(IterableDataset):
                     continue
                 used += 1
                 clips.append(clip)
-                labels.append(label)
+                targets.append(target)
                 keys.append(sample["__key__"])
                 if len(clips) == self.batch_size:
-                    yield _batch(clips, labels, keys, slot, epoch, position, seen, skips)
-                    clips, labels, keys = [], [], []
+                    yield _batch(clips, batch(targets), keys, slot, epoch, position, seen, skips)
+                    clips, targets, keys = [], [], []
             if not self.train:
                 break
             if used == 0 and skip == 0:
@@ -390,7 +416,7 @@ class VideoShards(IterableDataset):
                 )
             epoch, skip = epoch + 1, 0
         if clips or skips:  # evaluation: the last batch carries the final skip counts, even without clips
-            yield _batch(clips, labels, keys, slot, epoch, position, seen, skips)
+            yield _batch(clips, batch(targets), keys, slot, epoch, position, seen, skips)
 
     def _check_skip_rate(self, slot: int, seen: int, skips: Counter) -> None:
         bad = sum(n for kind, n in skips.items() if kind not in SHARD_SKIPS)
@@ -408,10 +434,10 @@ def _warn(skips: Counter, kind: str, message: str) -> None:
         log.warning("skipped sample: %s: %s%s", kind, message, suffix)
 
 
-def _batch(clips, labels, keys, slot, epoch, position, seen, skips) -> dict:
+def _batch(clips, targets: dict, keys, slot, epoch, position, seen, skips) -> dict:
     return {
         "frames": torch.stack(clips) if clips else None,  # (B, T, 3, S, S) or (B, V, T, 3, S, S), uint8
-        "labels": torch.tensor(labels, dtype=torch.long),
+        **targets,  # "labels" (B,), or the captions' "text_ids", "text_mask", ...
         "keys": list(keys),
         "slot": slot,
         "state": {"epoch": epoch, "position": position, "seen": seen, "skips": dict(skips)},
@@ -421,7 +447,7 @@ def _batch(clips, labels, keys, slot, epoch, position, seen, skips) -> dict:
 def build_loader(
     cfg: DataConfig,
     image_size: int,
-    num_classes: int,
+    target,
     train: bool,
     seed: int,
     rank: int,
@@ -430,9 +456,12 @@ def build_loader(
     worker_offset: int = 0,
     worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
-    """The training (endless) or evaluation (one pass) loader of one rank."""
+    """The training (endless) or evaluation (one pass) loader of one rank.
+
+    ``target``: the number of classes (recognition) or a target object such as ``CaptionTarget``.
+    """
     urls = expand_shards(cfg.train_shards if train else cfg.eval_shards, cfg.allow_pipe)
-    decoder = VideoClipDecoder(cfg, image_size, num_classes, train, seed)
+    decoder = VideoClipDecoder(cfg, image_size, target, train, seed)
     dataset = VideoShards(
         urls,
         decoder,

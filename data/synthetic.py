@@ -3,6 +3,9 @@
 Each clip shows a shape of random kind, colour, size and place moving in one of eight ways, plus a static
 distractor over a textured background. Positions and sizes are drawn so that the middle frame has the same
 distribution for every class: no single frame reveals the class, only the order of frames does.
+
+The retrieval variant (``retrieval_samples``) draws the moving shape's colour from named colours and its
+speed from two, and describes each clip in several captions built from its colour, shape, motion and speed.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ def _mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: f
     return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)  # triangle, apex up
 
 
-def _trajectory(motion: str, rng: np.random.Generator, size: int, frames: int):
-    """Centres (F, 2) and radii (F,) of the moving shape."""
-    t = np.linspace(0.0, 1.0, frames)
+def _trajectory(motion: str, rng: np.random.Generator, size: int, frames: int, speed: float = 1.0):
+    """Centres (F, 2) and radii (F,) of the moving shape; ``speed`` scales how far it goes in the clip."""
+    t = np.linspace(0.0, 1.0, frames) * speed
     if motion in ("approaching", "receding"):
         small, large = rng.uniform(0.05, 0.09) * size, rng.uniform(0.16, 0.24) * size
         radius = small + (large - small) * (t if motion == "approaching" else 1 - t)
@@ -68,20 +71,30 @@ def _trajectory(motion: str, rng: np.random.Generator, size: int, frames: int):
     return centre, radius
 
 
-def render_clip(motion: str, rng: np.random.Generator, size: int = 112, frames: int = 32) -> np.ndarray:
-    """One clip of ``motion`` as (frames, size, size, 3) uint8."""
+def render_clip(
+    motion: str,
+    rng: np.random.Generator,
+    size: int = 112,
+    frames: int = 32,
+    colour: np.ndarray | None = None,
+    shape: str | None = None,
+    speed: float = 1.0,
+) -> np.ndarray:
+    """One clip of ``motion`` as (frames, size, size, 3) uint8; colour and shape random unless given."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     # Random hues, but the shapes are always brighter than the background: one contrast polarity keeps the
     # task learnable in minutes on a CPU without making any single frame informative.
     background = rng.uniform(0, 90, size=3)
     texture = rng.normal(0, 6, size=(size, size, 1))
     base = np.clip(background + texture, 0, 255)
-    colour, distractor_colour = rng.uniform(150, 255, size=(2, 3))
-    shape, distractor_shape = rng.choice(SHAPES, size=2)
+    random_colour, distractor_colour = rng.uniform(150, 255, size=(2, 3))
+    random_shape, distractor_shape = rng.choice(SHAPES, size=2)
+    colour = random_colour if colour is None else colour
+    shape = random_shape if shape is None else shape
     d_radius = rng.uniform(0.06, 0.1) * size
     d_centre = rng.uniform(d_radius, size - d_radius, size=2)
     base[_mask(distractor_shape, yy, xx, *d_centre, d_radius)] = distractor_colour
-    centres, radii = _trajectory(motion, rng, size, frames)
+    centres, radii = _trajectory(motion, rng, size, frames, speed)
     clip = np.empty((frames, size, size, 3), np.uint8)
     for i in range(frames):
         frame = base.copy()
@@ -100,3 +113,75 @@ def synthetic_samples(
         clip = render_clip(MOTIONS[label], rng, size, frames)
         meta = {"motion": MOTIONS[label], "frames": frames, "height": size, "width": size}
         yield f"{prefix}{index:06d}", "mp4", encode_mp4(clip), label, meta
+
+
+# -- retrieval ----------------------------------------------------------------------------------------------
+
+COLOURS = {  # all brighter than the background, as the recognition clips' shapes are
+    "red": (235, 45, 45),
+    "green": (50, 225, 60),
+    "blue": (70, 110, 255),
+    "yellow": (240, 225, 40),
+    "white": (240, 240, 240),
+    "purple": (190, 70, 235),
+}
+SPEEDS = {"slowly": 0.45, "quickly": 1.0}  # fraction of the full path covered in the clip
+MOTION_PHRASES = {
+    "left": ("moves to the left", "moving left", "slides leftwards"),
+    "right": ("moves to the right", "moving right", "slides rightwards"),
+    "up": ("moves up", "moving upwards", "rises"),
+    "down": ("moves down", "moving downwards", "falls"),
+    "clockwise": ("turns clockwise", "circling clockwise", "goes round clockwise"),
+    "anticlockwise": ("turns anticlockwise", "circling anticlockwise", "goes round anticlockwise"),
+    "approaching": ("comes closer", "growing bigger", "approaches the camera"),
+    "receding": ("moves away", "shrinking", "recedes from the camera"),
+}
+
+
+def describe(colour: str, shape: str, motion: str, speed: str) -> list[str]:
+    """Three captions of one clip, in different words."""
+    verb, gerund, other = MOTION_PHRASES[motion]
+    adjective = "slow" if speed == "slowly" else "fast"
+    return [
+        f"a {colour} {shape} {verb} {speed}",
+        f"a {adjective} {colour} {shape} {gerund}",
+        f"the {shape} is {colour} and {other} {speed}",
+    ]
+
+
+def retrieval_samples(
+    count: int, seed: int, size: int = 112, frames: int = 32, prefix: str = "clip", start: int = 0
+):
+    """``count`` (key, "mp4", bytes, label, metadata) samples whose metadata carries ``captions``; the label
+    is the motion index (so the same shards also serve recognition)."""
+    rng = np.random.default_rng(seed)
+    for index in range(start, start + count):
+        label = index % len(MOTIONS)
+        motion = MOTIONS[label]
+        colour = str(rng.choice(list(COLOURS)))
+        shape = str(rng.choice(SHAPES))
+        speed = str(rng.choice(list(SPEEDS)))
+        clip = render_clip(motion, rng, size, frames, np.array(COLOURS[colour], float), shape, SPEEDS[speed])
+        meta = {
+            "motion": motion,
+            "colour": colour,
+            "shape": shape,
+            "speed": speed,
+            "captions": describe(colour, shape, motion, speed),
+            "frames": frames,
+            "height": size,
+            "width": size,
+        }
+        yield f"{prefix}{index:06d}", "mp4", encode_mp4(clip), label, meta
+
+
+def caption_corpus() -> list[str]:
+    """Every caption the retrieval set can produce (what the local tokenizer's merges are learned from)."""
+    return [
+        caption
+        for colour in COLOURS
+        for shape in SHAPES
+        for motion in MOTIONS
+        for speed in SPEEDS
+        for caption in describe(colour, shape, motion, speed)
+    ]

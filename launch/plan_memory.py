@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if cfg.task != "recognition":
+        print(f"task {cfg.task}: the planner simulates recognition steps only", file=sys.stderr)
+        return 2
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     accelerator = args.gpu or (not args.cpu and torch.cuda.is_available())
     if args.measure and accelerator != torch.cuda.is_available():

@@ -9,6 +9,7 @@ outside its module's forward), which is what lets ZeRO-3 gather the weights bloc
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from models.eva_vit import EVA_RENAMES, EvaVisionTower
 from models.weights import CheckpointReader, load_weights
@@ -32,18 +33,18 @@ class ViTShape:
     patch: int
     image_size: int
     tap_every: int = 1  # the published tap stride
-    embed_dim: int = 0  # EVA projection-head output (0: the width)
+    embed_dim: int = 0  # joint image-text embedding (the projection's output; 0: the width)
 
 
 # Named shapes. The published ones match OpenAI CLIP and EVA02-CLIP-bigE-14; "demo" is the small CLIP-shaped
 # model the CPU demo trains beside; "tiny", "eva-tiny" and "eva-small" are for tests.
 SIZES: dict[str, ViTShape] = {
-    "vit-b16": ViTShape("clip", 768, 12, 12, 3072, 16, 224),
-    "vit-b32": ViTShape("clip", 768, 12, 12, 3072, 32, 224),
-    "vit-l14": ViTShape("clip", 1024, 24, 16, 4096, 14, 224),
+    "vit-b16": ViTShape("clip", 768, 12, 12, 3072, 16, 224, embed_dim=512),
+    "vit-b32": ViTShape("clip", 768, 12, 12, 3072, 32, 224, embed_dim=512),
+    "vit-l14": ViTShape("clip", 1024, 24, 16, 4096, 14, 224, embed_dim=768),
     "vit-e14": ViTShape("eva", 1792, 64, 16, 15360, 14, 224, tap_every=2, embed_dim=1024),
-    "demo": ViTShape("clip", 128, 4, 4, 512, 16, 96),
-    "tiny": ViTShape("clip", 32, 2, 2, 64, 8, 32),
+    "demo": ViTShape("clip", 128, 4, 4, 512, 16, 96, embed_dim=128),
+    "tiny": ViTShape("clip", 32, 2, 2, 64, 8, 32, embed_dim=16),
     "eva-tiny": ViTShape("eva", 32, 2, 2, 64, 8, 32, tap_every=2),
     "eva-small": ViTShape(
         "eva", 512, 2, 8, 2048, 16, 64, tap_every=2
@@ -149,6 +150,11 @@ class FrozenViT(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def output_head(self) -> tuple[nn.LayerNorm, nn.Linear | None]:
+        """The final norm and the projection into the joint image-text space (None if not built), which map
+        the last block's class token to the image embedding."""
+        raise NotImplementedError
+
     def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return block(hidden)
 
@@ -183,7 +189,11 @@ class FrozenCLIPVision(FrozenViT):
         self.pre_layrnorm = tower.pre_layrnorm
         self.blocks = tower.encoder.layers
         self.post_layernorm = tower.post_layernorm
+        self.visual_projection = getattr(vision, "visual_projection", None)  # built for retrieval only
         self.freeze()
+
+    def output_head(self) -> tuple[nn.LayerNorm, nn.Linear | None]:
+        return self.post_layernorm, self.visual_projection
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.pre_layrnorm(self.embeddings(images.to(self.dtype)))
@@ -204,6 +214,9 @@ class FrozenEVAVision(FrozenViT):
         self.head = tower.head
         self.freeze()
 
+    def output_head(self) -> tuple[nn.LayerNorm, nn.Linear | None]:
+        return self.norm, self.head
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.embeddings(images)
 
@@ -211,6 +224,9 @@ class FrozenEVAVision(FrozenViT):
 def _clip_config(cfg: BackboneConfig) -> CLIPVisionConfig:
     if cfg.pretrained is not None and Path(cfg.pretrained).is_dir():
         config = CLIPVisionConfig.from_pretrained(cfg.pretrained, local_files_only=True)
+        # A whole CLIPModel keeps the projection size at its top level, outside the vision config.
+        top = json.loads((Path(cfg.pretrained) / "config.json").read_text())
+        config.projection_dim = top.get("projection_dim", config.projection_dim)
     else:
         s = cfg.shape
         config = CLIPVisionConfig(
@@ -220,6 +236,7 @@ def _clip_config(cfg: BackboneConfig) -> CLIPVisionConfig:
             intermediate_size=s.mlp,
             patch_size=s.patch,
             image_size=s.image_size,
+            projection_dim=s.embed_dim or s.width,
         )
     if cfg.num_layers is not None:
         config.num_hidden_layers = cfg.num_layers
@@ -232,6 +249,7 @@ def build_backbone(
     construct: Callable[[], AbstractContextManager] = nullcontext,
     gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
     writer: bool = True,
+    projection: bool = False,
 ) -> FrozenViT:
     """Build the frozen backbone; load ``cfg.pretrained`` one piece (embeddings, a block, ...) at a time.
 
@@ -239,6 +257,7 @@ def build_backbone(
         construct: context the modules are created in (e.g. a parameter-partitioning one for sharding).
         gather: context that makes a piece's parameters whole while they are written (sharded weights).
         writer: whether this process writes the weights (with sharding, one rank reads, the gather spreads).
+        projection: also build (and load) a CLIP tower's projection into the joint space (retrieval).
     """
     shape = cfg.shape
     if cfg.pretrained is not None and not Path(cfg.pretrained).exists():
@@ -247,7 +266,8 @@ def build_backbone(
         if shape.family == "clip":
             config = _clip_config(cfg)
             taps = select_taps(config.num_hidden_layers, cfg.tap_every or shape.tap_every, cfg.tap_layers)
-            model: FrozenViT = FrozenCLIPVision(CLIPVisionModel(config), taps)
+            vision = CLIPVisionModelWithProjection(config) if projection else CLIPVisionModel(config)
+            model: FrozenViT = FrozenCLIPVision(vision, taps)
         else:
             depth = cfg.num_layers or shape.depth
             tower = EvaVisionTower(

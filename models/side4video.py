@@ -31,7 +31,10 @@ class SideConfig:
     temporal_kernel: int = 3
     """Kernel size of the depthwise temporal conv and of the stem's time axis."""
     num_classes: int = 8
-    """Classifier outputs."""
+    """Classifier outputs (recognition)."""
+    matching: str = "wti"
+    """Retrieval matching: "wti" (weighted token-wise max similarity, both directions) or "mean" (mean
+    frame embedding against the text's end token)."""
     checkpoint: bool = False
     """Activation checkpointing of the side blocks: keep each block's input and tap, recompute the rest in
     the backward pass (saved activations drop several-fold for about a third more side compute)."""
@@ -41,6 +44,8 @@ class SideConfig:
             raise ValueError("side.width and side.num_classes must be positive")
         if self.num_heads < 1 or self.width % self.num_heads:
             raise ValueError(f"side.heads={self.num_heads} must divide side.width={self.width}")
+        if self.matching not in ("wti", "mean"):
+            raise ValueError(f"side.matching must be 'wti' or 'mean', got {self.matching!r}")
         if self.temporal_kernel % 2 == 0:
             raise ValueError(f"side.temporal_kernel must be odd, got {self.temporal_kernel}")
 
@@ -193,9 +198,18 @@ class Side4Video(nn.Module):
         patch_size: the frozen model's patch size (the stem uses the same grid).
         grid: patches per side, so N = grid**2 tokens per frame.
         depth: number of side blocks = number of backbone taps.
+        classifier: build the classification head (retrieval uses the tokens instead).
     """
 
-    def __init__(self, cfg: SideConfig, backbone_width: int, patch_size: int, grid: int, depth: int):
+    def __init__(
+        self,
+        cfg: SideConfig,
+        backbone_width: int,
+        patch_size: int,
+        grid: int,
+        depth: int,
+        classifier: bool = True,
+    ):
         super().__init__()
         width, kernel = cfg.width, cfg.temporal_kernel
         self.stem = nn.Conv3d(
@@ -211,7 +225,7 @@ class Side4Video(nn.Module):
             for _ in range(depth)
         )
         self.norm = TokenBatchNorm(width)
-        self.head = nn.Linear(width, cfg.num_classes)
+        self.head = nn.Linear(width, cfg.num_classes) if classifier else None
         self.checkpoint = cfg.checkpoint
         self._init_weights(width, depth)
 

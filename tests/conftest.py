@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import trainer  # noqa: F401  (the package's defaults: DeepSpeed's ops built inside the venv)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny but complete configuration: 32 px clips of 4 frames, a 2-block CLIP, a 32-wide side network.
@@ -42,9 +44,11 @@ def tiny_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def launch(args: list[str], timeout: int = 300, ranks: int = 1, script: str | None = None):
+def launch(
+    args: list[str], timeout: int = 300, ranks: int = 1, script: str | None = None, env: dict | None = None
+):
     """Run launch.train (or ``script``) as real processes: plain python, or ``deepspeed --num_gpus ranks``."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
     if ranks == 1:
         command = [sys.executable, *([script] if script else ["-m", "launch.train"])]
     else:

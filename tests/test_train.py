@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,23 @@ def test_single_process_run_writes_the_run_directory_and_counts_bad_samples(tiny
     assert set(evaluation["skipped_train_samples"]) == {"decode_error", "bad_label"}
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000006"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000003", "step00000006"]
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_run(tiny_shards, tmp_path):
+    """DeepSpeed takes its JIT op's lock file in every process; a rank killed meanwhile leaves it behind.
+    Runs load the built op directly instead, so they start anyway."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    built = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    if not (built / "deepspeed_shm_comm.so").is_file():
+        pytest.skip("DeepSpeed's CPU comm op is not built (`make install` builds it)")
+    extensions = tmp_path / "extensions"
+    shutil.copytree(built, extensions / "deepspeed_shm_comm")
+    (extensions / "deepspeed_shm_comm" / "lock").touch()  # as a killed process leaves it
+    args = tiny_overrides(tiny_shards, tmp_path / "run", **{"train.steps": 2, "eval.temporal_check": False})
+    result = launch(args, timeout=180, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "eval.json").is_file()
 
 
 @pytest.mark.parametrize(

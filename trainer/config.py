@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.shards import DataConfig
-from models import BackboneConfig, SideConfig
+from models import BackboneConfig, SideConfig, TextConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.evaluate import EvalConfig
 from trainer.metrics import MetricsConfig
@@ -50,20 +50,38 @@ class TrainConfig:
             raise ValueError("train.grad_clip must be >= 0 and train.label_smoothing in [0, 1)")
 
 
+TASKS = ("recognition", "retrieval")
+
+
 @dataclass
 class RunConfig:
     """Everything one run needs. The defaults are the CPU demo."""
 
     run_dir: str = "runs/demo"
     """Where config.yaml, metrics.jsonl, TensorBoard events, checkpoints and eval.json go."""
+    task: str = "recognition"
+    """recognition (labels, cross-entropy, top-1/top-5) or retrieval (captions, contrastive, R@k)."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     side: SideConfig = field(default_factory=SideConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    """The frozen text encoder (retrieval only)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task: {self.task!r} is not one of {TASKS}")
+        if self.task == "retrieval":
+            if not self.data.tokenizer:
+                raise ValueError("data.tokenizer: retrieval needs a CLIPTokenizer directory")
+            if self.data.views != 1:
+                raise ValueError(
+                    "data.eval_clips and data.eval_crops: retrieval evaluates one view (1 and 1)"
+                )
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -128,7 +146,7 @@ def resolve_deepspeed_config(cfg: RunConfig, world_size: int, bf16_supported: bo
     zero = ds.get("zero_optimization", {})
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if zero.get(key) == "auto":
-            zero[key] = int(min(max(params, 1), 5e7))
+            zero[key] = -(-int(min(max(params, 1), 5e7)) // 256) * 256  # DeepSpeed wants aligned sizes
     for precision in ("bf16", "fp16"):
         section = ds.get(precision)
         if isinstance(section, dict) and section.get("enabled") == "auto":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -77,6 +79,35 @@ def env_from_slurm(env: dict[str, str]) -> dict[str, str]:
     }
 
 
+# JIT-compiled by `make install`; loaded by every CPU process. (async_io, only for NVMe offload, needs other
+# ops' symbols loaded first, so DeepSpeed keeps loading it.)
+PREBUILT_OPS = ("deepspeed_shm_comm",)
+
+
+def use_prebuilt_ops() -> list[str]:
+    """Load DeepSpeed's already-compiled CPU communication op straight from TORCH_EXTENSIONS_DIR.
+
+    DeepSpeed's own path takes the build folder's lock file in every process, even when nothing needs
+    building; a process killed in that moment (a preempted or timed-out rank) leaves the lock behind and every
+    later run waits for it forever. Loading the built library directly never touches the lock. Ops not built
+    yet are left to DeepSpeed. Returns the names loaded here.
+    """
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    from torch.utils.cpp_extension import _get_build_directory
+
+    loaded = []
+    for name in PREBUILT_OPS:
+        library = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+        if name in OpBuilder._loaded_ops or not library.is_file():
+            continue
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        OpBuilder._loaded_ops[name] = module
+        loaded.append(name)
+    return loaded
+
+
 def init_distributed() -> DistInfo:
     """Join (or, alone, create) the process group on the accelerator DeepSpeed selected.
 
@@ -84,6 +115,7 @@ def init_distributed() -> DistInfo:
     get them from SLURM's variables (``env_from_slurm``); a plain ``python -m launch.train`` gets a
     one-process group on a free local port.
     """
+    use_prebuilt_ops()
     os.environ.update(env_from_slurm(dict(os.environ)))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -119,6 +151,33 @@ def all_gather_objects(obj) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' (B, ...) tensors -> (world * B, ...), rank order. Backward sums the gathered gradient over
+    ranks and returns this rank's slice: every rank computes the same loss over the whole gathered batch, so
+    the sum is world x the gradient for this rank's inputs, and the engine's averaging over ranks makes it
+    exactly the gradient of that one loss."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(tensor) for _ in range(ctx.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(ctx.world)[ctx.rank]
+
+
+def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's equally shaped (B, ...) tensor along dim 0, differentiably (see above)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
 
 
 def barrier() -> None:

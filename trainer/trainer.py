@@ -1,4 +1,8 @@
-"""The trainer: a frozen backbone feeding a side network trained in one DeepSpeed engine."""
+"""The trainer: a frozen backbone feeding a side network trained in one DeepSpeed engine.
+
+Recognition trains the classifier with cross-entropy; retrieval adds a frozen text encoder and trains the
+side network's video embeddings against its captions with a contrastive loss over the global batch.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from data.augment import DeviceAugment
+from data.captions import CaptionTarget, load_tokenizer, tokenize
 from data.shards import SKIP_KINDS, build_loader
 from data.video import normalize
-from models import build_side_network, count_params
+from models import build_retrieval_network, build_side_network, contrastive_loss, count_params
 from trainer.checkpoint import Checkpointer
-from trainer.config import RunConfig, dump_config, resolve_deepspeed_config
-from trainer.distributed import DistInfo, all_reduce_sum
+from trainer.config import ConfigError, RunConfig, dump_config, resolve_deepspeed_config
+from trainer.distributed import DistInfo, all_reduce_sum, gather_batch
 from trainer.evaluate import FRAME_ORDERS, evaluate
-from trainer.frozen import build_frozen
+from trainer.frozen import build_frozen, build_frozen_text, gathered
 from trainer.metrics import MetricsLogger, peak_memory_bytes
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.preemption import PreemptionWatch, ignore_stop_signals
+from trainer.retrieval import RETRIEVAL_HEADLINE, evaluate_retrieval
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         self.backbone, self.frozen = build_frozen(cfg, dist)
-        side = build_side_network(cfg.side, self.backbone)
+        self.retrieval = cfg.task == "retrieval"
+        side = self._build_retrieval() if self.retrieval else build_side_network(cfg.side, self.backbone)
         trainable = count_params(side)
         ds_config = resolve_deepspeed_config(cfg, dist.world_size, dist.bf16_supported, trainable)
         self.dtype = compute_dtype(ds_config)
@@ -69,9 +76,36 @@ class Trainer:
 
     # -- model -----------------------------------------------------------------------------------------------
 
+    def _build_retrieval(self):
+        """The retrieval side network (its frozen output head copied from the backbone); the text encoder."""
+        try:
+            side = build_retrieval_network(self.cfg.side, self.backbone)
+        except ValueError as exc:
+            raise ConfigError(f"backbone: {exc}") from None
+        norm, proj = self.backbone.output_head()
+        with gathered([*norm.parameters(), *proj.parameters()]):
+            side.output.copy_from(norm, proj)
+        tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+        embed_dim = side.output.proj.out_features
+        self.text_encoder, self.text = build_frozen_text(self.cfg, self.dist, embed_dim, len(tokenizer))
+        return side
+
     def predict(self, clips: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) normalised clips -> (B, classes) logits; side block i runs right after tap i."""
+        """(B, T, 3, H, W) normalised clips -> (B, classes) logits, or (B, T, E) frame embeddings for
+        retrieval; side block i runs right after tap i."""
         return self.engine(clips, self.frozen(clips.flatten(0, 1)))
+
+    def loss(self, batch: dict, clips: torch.Tensor) -> torch.Tensor:
+        device = self.dist.device
+        if not self.retrieval:
+            logits = self.predict(clips)
+            labels = batch["labels"].to(device)
+            return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing)
+        ids, mask = batch["text_ids"].to(device), batch["text_mask"].to(device)
+        text = self.text(ids, mask)  # (B, L, E), frozen
+        # Text-to-video logits over the global batch: every rank's videos and captions, gathered.
+        logits = self.engine(clips, self.frozen(clips.flatten(0, 1)), text, mask, gather=gather_batch)
+        return contrastive_loss(logits)
 
     # -- training --------------------------------------------------------------------------------------------
 
@@ -86,12 +120,7 @@ class Trainer:
             if self.augment is not None:
                 frames = self.augment(frames)
             clips = normalize(frames, self.dtype)
-            logits = self.predict(clips)
-            loss = F.cross_entropy(
-                logits.float(),
-                batch["labels"].to(self.dist.device),
-                label_smoothing=self.cfg.train.label_smoothing,
-            )
+            loss = self.loss(batch, clips)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
@@ -162,10 +191,15 @@ class Trainer:
         workers = max(1, cfg.data.num_workers)
         # A resumed loader's worker w plays the slot whose batch the interrupted run would have taken next,
         # so the round-robin order over workers continues unchanged.
+        target = (
+            CaptionTarget(cfg.data.tokenizer, cfg.data.max_words, train)
+            if self.retrieval
+            else cfg.side.num_classes
+        )
         return build_loader(
             cfg.data,
             self.backbone.image_size,
-            cfg.side.num_classes,
+            target,
             train,
             cfg.train.seed,
             self.dist.rank,
@@ -180,6 +214,19 @@ class Trainer:
     def evaluate(self, order: str = "original") -> dict:
         self.engine.eval()
         try:
+            if self.retrieval:
+                model = self.engine.module
+                return evaluate_retrieval(
+                    self.predict,
+                    self.text,
+                    model.similarity,
+                    self._loader(train=False),
+                    self._filler_batch(),
+                    self.dist.device,
+                    self.dtype,
+                    order,
+                    self.cfg.eval.seed,
+                )
             return evaluate(
                 self.predict,
                 self._loader(train=False),
@@ -195,19 +242,22 @@ class Trainer:
     def _filler_batch(self) -> dict:
         data, size = self.cfg.data, self.backbone.image_size
         frames = torch.zeros(1, data.views, data.num_frames, 3, size, size, dtype=torch.uint8)
+        if self.retrieval:  # one empty caption
+            ids, mask = tokenize(load_tokenizer(data.tokenizer), [""], data.max_words)
+            return {"frames": frames, "text_ids": ids, "text_mask": mask, "keys": []}
         return {"frames": frames, "labels": torch.zeros(1, dtype=torch.long), "keys": []}
 
     def final_evaluation(self) -> dict:
         """Evaluate the trained model (also without temporal information, if configured); write eval.json."""
         orders = FRAME_ORDERS if self.cfg.eval.temporal_check else ("original",)
+        headline = RETRIEVAL_HEADLINE if self.retrieval else ("top1", "top5")
         result = {"step": self.step, "views": self.cfg.data.views}
         for order in orders:
             metrics = self.evaluate(order)
             if order == "original":
                 result.update(metrics)
             else:
-                result[f"top1_{order}"] = metrics["top1"]
-                result[f"top5_{order}"] = metrics["top5"]
+                result.update({f"{key}_{order}": metrics[key] for key in headline if key in metrics})
         skipped = all_reduce_sum(self._skip_counts(), self.dist.device)
         result["skipped_train_samples"] = {
             kind: int(n) for kind, n in zip(SKIP_KINDS, skipped, strict=True) if n
