@@ -43,7 +43,7 @@ SIZES: dict[str, ViTShape] = {
     "vit-b32": ViTShape("clip", 768, 12, 12, 3072, 32, 224, embed_dim=512),
     "vit-l14": ViTShape("clip", 1024, 24, 16, 4096, 14, 224, embed_dim=768),
     "vit-e14": ViTShape("eva", 1792, 64, 16, 15360, 14, 224, tap_every=2, embed_dim=1024),
-    "demo": ViTShape("clip", 128, 4, 4, 512, 16, 96, embed_dim=128),
+    "demo": ViTShape("clip", 128, 4, 4, 512, 16, 96, embed_dim=64),
     "tiny": ViTShape("clip", 32, 2, 2, 64, 8, 32, embed_dim=16),
     "eva-tiny": ViTShape("eva", 32, 2, 2, 64, 8, 32, tap_every=2),
     "eva-small": ViTShape(

@@ -240,7 +240,9 @@ def test_gathered_loss_and_gradients_equal_one_process(tmp_path):
 
 def test_retrieval_trains_and_evaluates_every_video_and_caption_once_on_two_ranks(retrieval_shards, tmp_path):
     run_dir = tmp_path / "run"
-    args = retrieval_overrides(retrieval_shards, run_dir, **{"eval.temporal_check": False})
+    args = retrieval_overrides(
+        retrieval_shards, run_dir, **{"eval.temporal_check": False, "eval.at_start": True}
+    )
     result = launch(args, ranks=2)
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = json.loads((run_dir / "eval.json").read_text())
@@ -251,6 +253,8 @@ def test_retrieval_trains_and_evaluates_every_video_and_caption_once_on_two_rank
     assert 1 <= evaluation["t2v_median_rank"] <= TEST_VIDEOS
     losses = [r["loss"] for r in records(run_dir) if "loss" in r]
     assert len(losses) == 4 and all(np.isfinite(losses))
+    untrained = [r for r in records(run_dir) if r["step"] == 0]  # eval.at_start
+    assert len(untrained) == 1 and untrained[0]["eval/num_captions"] == 3 * TEST_VIDEOS
 
 
 def test_retrieval_config_errors(retrieval_shards, tmp_path):

@@ -21,6 +21,8 @@ class EvalConfig:
 
     every: int = 0
     """Optimizer steps between evaluations; 0 evaluates only at the end."""
+    at_start: bool = False
+    """Also evaluate before the first step (the untrained model; logged as step 0)."""
     temporal_check: bool = True
     """At the end, also evaluate with frames shuffled within each clip and with one frame repeated."""
     seed: int = 1234

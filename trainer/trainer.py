@@ -87,7 +87,7 @@ class Trainer:
             side.output.copy_from(norm, proj)
         tokenizer = load_tokenizer(self.cfg.data.tokenizer)
         embed_dim = side.output.proj.out_features
-        self.text_encoder, self.text = build_frozen_text(self.cfg, self.dist, embed_dim, len(tokenizer))
+        _, self.text = build_frozen_text(self.cfg, self.dist, embed_dim, len(tokenizer))
         return side
 
     def predict(self, clips: torch.Tensor) -> torch.Tensor:
@@ -133,6 +133,8 @@ class Trainer:
         batches = iter(self._loader(train=True))
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         saved_at = None
+        if cfg.eval.at_start and self.step == 0:
+            self.metrics.log(0, {f"eval/{k}": v for k, v in self.evaluate().items()})
         while self.step < cfg.train.steps:
             loss = self.train_step(batches).item()
             self.step += 1
