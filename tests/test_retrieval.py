@@ -238,11 +238,16 @@ def test_gathered_loss_and_gradients_equal_one_process(tmp_path):
         assert r["max_grad_difference"] < 1e-5 * max(1.0, r["max_grad"])
 
 
-def test_retrieval_trains_and_evaluates_every_video_and_caption_once_on_two_ranks(retrieval_shards, tmp_path):
+@pytest.mark.parametrize("frozen", [None, "deepspeed_configs/frozen_zero3_offload_cpu.json"])
+def test_retrieval_trains_and_evaluates_every_video_and_caption_once_on_two_ranks(
+    retrieval_shards, tmp_path, frozen
+):
+    """Both frozen towers whole on each rank, or both partitioned by ZeRO-3 with CPU offload."""
     run_dir = tmp_path / "run"
-    args = retrieval_overrides(
-        retrieval_shards, run_dir, **{"eval.temporal_check": False, "eval.at_start": True}
-    )
+    extra = {"eval.temporal_check": False, "eval.at_start": True}
+    if frozen:
+        extra["train.frozen_deepspeed_config"] = frozen
+    args = retrieval_overrides(retrieval_shards, run_dir, **extra)
     result = launch(args, ranks=2)
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = json.loads((run_dir / "eval.json").read_text())
