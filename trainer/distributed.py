@@ -108,6 +108,20 @@ def use_prebuilt_ops() -> list[str]:
     return loaded
 
 
+def unlink_shm_buffer(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed's CPU comm op maps one 66 MB shared-memory file per rank, named by MASTER_ADDR and
+    MASTER_PORT, and never unlinks it: /dev/shm fills run after run, and a later job on the same port
+    finds a stale buffer (another job's state) under that name. The mapping lives on after the unlink.
+    """
+    dist.barrier()  # after this every rank has opened every rank's buffer (DeepSpeed maps them at init)
+    pattern = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank
+    )
+    Path("/dev/shm", pattern).unlink(missing_ok=True)
+
+
 def init_distributed() -> DistInfo:
     """Join (or, alone, create) the process group on the accelerator DeepSpeed selected.
 
@@ -136,6 +150,8 @@ def init_distributed() -> DistInfo:
         device = torch.device(accelerator.device_name(local_rank))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    if device.type == "cpu":
+        unlink_shm_buffer(rank)
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     log.info("rank %d of %d (local rank %d) on node %s", rank, world_size, local_rank, node)
     return DistInfo(rank, local_rank, world_size, device)
