@@ -70,6 +70,25 @@ def lockstep(batches: Iterable[dict], filler: dict, device: torch.device) -> Ite
         yield (batch, True) if batch is not None else (filler, False)
 
 
+def with_videos(batches: Iterable[dict], slot_skips: dict[int, dict]) -> Iterator[dict]:
+    """The batches that hold videos; every batch's slot skip counts (cumulative) are kept in ``slot_skips``,
+    since a slot's last evaluation batch may carry only its final counts."""
+    for batch in batches:
+        if "state" in batch:
+            slot_skips[batch["slot"]] = batch["state"]["skips"]
+        if batch["keys"]:
+            yield batch
+
+
+def skip_counts(rank_slot_skips: Iterable[dict[int, dict]]) -> dict:
+    """All ranks' per-slot skip counts -> ``skipped`` and ``skipped/KIND``."""
+    skipped = Counter()
+    for slot_skips in rank_slot_skips:
+        for counts in slot_skips.values():
+            skipped.update(counts)
+    return {"skipped": sum(skipped.values()), **{f"skipped/{k}": n for k, n in sorted(skipped.items())}}
+
+
 @torch.no_grad()
 def evaluate(
     predict: Callable[[torch.Tensor], torch.Tensor],
@@ -92,16 +111,8 @@ def evaluate(
     """
     generator = torch.Generator().manual_seed(seed)
     keys, scores, labels = [], [], []
-    slot_skips: dict[int, dict] = {}  # each slot's skip counts are cumulative: keep its last
-
-    def with_videos(batches: Iterable[dict]) -> Iterator[dict]:
-        for batch in batches:
-            if "state" in batch:
-                slot_skips[batch["slot"]] = batch["state"]["skips"]
-            if batch["keys"]:  # a slot's last batch may only carry its final skip counts
-                yield batch
-
-    for batch, real in lockstep(with_videos(batches), filler, device):
+    slot_skips: dict[int, dict] = {}
+    for batch, real in lockstep(with_videos(batches, slot_skips), filler, device):
         frames = reorder_frames(batch["frames"], order, generator)
         videos, views = frames.shape[:2]
         clips = normalize(frames.to(device, non_blocking=True).flatten(0, 1), dtype)  # (B*V, T, 3, H, W)
@@ -117,15 +128,14 @@ def evaluate(
         np.concatenate(labels) if labels else None,
         slot_skips,
     )
-    merged_scores, merged_labels, seen, skipped = {}, {}, set(), Counter()
-    for rank_keys, rank_scores, rank_labels, rank_skips in all_gather_objects(local):
-        for counts in rank_skips.values():
-            skipped.update(counts)
+    merged_scores, merged_labels, seen = {}, {}, set()
+    gathered = all_gather_objects(local)
+    for rank_keys, rank_scores, rank_labels, _ in gathered:
         for i, key in enumerate(rank_keys):
             if key not in seen:  # a key seen twice would be a data-splitting bug; count it once
                 seen.add(key)
                 merged_scores[key], merged_labels[key] = rank_scores[i], rank_labels[i]
-    counts = {"skipped": sum(skipped.values()), **{f"skipped/{k}": n for k, n in sorted(skipped.items())}}
+    counts = skip_counts(rank_skips for *_, rank_skips in gathered)
     if not seen:
         return {"top1": 0.0, "top5": 0.0, "num_videos": 0, **counts}
     ordered = sorted(seen)

@@ -68,9 +68,7 @@ def largest_parameter(cfg: RunConfig) -> int:
     return max(p.numel() for p in model.parameters())
 
 
-def place_frozen(
-    build: Builder, cfg: RunConfig, dist: DistInfo, ds: dict | None
-) -> tuple[nn.Module, Callable]:
+def place_frozen(build: Builder, dist: DistInfo, ds: dict | None) -> tuple[nn.Module, Callable]:
     """Build a frozen model whole on this device (``ds`` None), or partitioned by ZeRO-3 inference per ``ds``;
     returns the model and the callable that runs it (the model itself, or its engine)."""
     if ds is None:
@@ -93,7 +91,6 @@ def build_frozen(cfg: RunConfig, dist: DistInfo) -> tuple[FrozenViT, FrozenForwa
     ds = resolve_frozen_config(cfg, dist.bf16_supported) if cfg.train.frozen_deepspeed_config else None
     return place_frozen(
         lambda construct, gather, writer: build_backbone(cfg.backbone, construct, gather, writer, projection),
-        cfg,
         dist,
         ds,
     )
@@ -116,7 +113,7 @@ def build_frozen_text(
             return max(p.numel() for p in model.parameters())
 
         ds = resolve_frozen_config(cfg, dist.bf16_supported, cfg.text.dtype, largest)
-    return place_frozen(build, cfg, dist, ds)
+    return place_frozen(build, dist, ds)
 
 
 def gathered(params: list[nn.Parameter]) -> AbstractContextManager:

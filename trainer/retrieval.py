@@ -7,15 +7,14 @@ video-to-text takes, for each video, the best rank any of its captions reaches a
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
 from data.video import normalize
 from trainer.distributed import all_gather_objects
-from trainer.evaluate import lockstep, reorder_frames
+from trainer.evaluate import lockstep, reorder_frames, skip_counts, with_videos
 
 CHUNK_ELEMENTS = 1 << 24  # similarity entries (texts x videos x tokens x frames) scored at once
 
@@ -102,15 +101,7 @@ def evaluate_retrieval(
     generator = torch.Generator().manual_seed(seed)
     keys, videos, text_keys, texts, masks = [], [], [], [], []
     slot_skips: dict[int, dict] = {}
-
-    def with_videos(batches: Iterable[dict]) -> Iterator[dict]:
-        for batch in batches:
-            if "state" in batch:
-                slot_skips[batch["slot"]] = batch["state"]["skips"]
-            if batch["keys"]:
-                yield batch
-
-    for batch, real in lockstep(with_videos(batches), filler, device):
+    for batch, real in lockstep(with_videos(batches, slot_skips), filler, device):
         frames = reorder_frames(batch["frames"][:, 0], order, generator)  # (B, T, 3, H, W): one view
         clips = normalize(frames.to(device, non_blocking=True), dtype)
         video = encode_video(clips)  # (B, T, E)
@@ -128,14 +119,11 @@ def evaluate_retrieval(
     gathered = all_gather_objects((keys, torch.cat(videos) if videos else None, slot_skips))
     merged: dict[str, torch.Tensor] = {}
     owner: dict[str, int] = {}
-    skipped = Counter()
-    for rank, (rank_keys, rank_videos, rank_skips) in enumerate(gathered):
-        for counts in rank_skips.values():
-            skipped.update(counts)
+    for rank, (rank_keys, rank_videos, _) in enumerate(gathered):
         for i, key in enumerate(rank_keys):
             if key not in merged:
                 merged[key], owner[key] = rank_videos[i], rank
-    counts = {"skipped": sum(skipped.values()), **{f"skipped/{k}": n for k, n in sorted(skipped.items())}}
+    counts = skip_counts(rank_skips for _, _, rank_skips in gathered)
     ordered = sorted(merged)
     if not ordered:
         return {"num_videos": 0, "num_captions": 0, **counts}

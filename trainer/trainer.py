@@ -216,28 +216,11 @@ class Trainer:
     def evaluate(self, order: str = "original") -> dict:
         self.engine.eval()
         try:
+            common = (self._filler_batch(), self.dist.device, self.dtype, order, self.cfg.eval.seed)
             if self.retrieval:
-                model = self.engine.module
-                return evaluate_retrieval(
-                    self.predict,
-                    self.text,
-                    model.similarity,
-                    self._loader(train=False),
-                    self._filler_batch(),
-                    self.dist.device,
-                    self.dtype,
-                    order,
-                    self.cfg.eval.seed,
-                )
-            return evaluate(
-                self.predict,
-                self._loader(train=False),
-                self._filler_batch(),
-                self.dist.device,
-                self.dtype,
-                order,
-                self.cfg.eval.seed,
-            )
+                encoders = (self.predict, self.text, self.engine.module.similarity)
+                return evaluate_retrieval(*encoders, self._loader(train=False), *common)
+            return evaluate(self.predict, self._loader(train=False), *common)
         finally:
             self.engine.train()
 
