@@ -158,6 +158,14 @@ class FrozenViT(nn.Module):
     def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return block(hidden)
 
+    def attention_branch(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What a block's attention part adds to the residual stream: ``block(x) = x' + mlp_branch(x')``
+        with ``x' = x + attention_branch(x)``. Adapters (baselines) reuse the frozen parts through these."""
+        raise NotImplementedError
+
+    def mlp_branch(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
         """An iterator over the tapped blocks' outputs, in block order, each computed when asked for.
 
@@ -202,6 +210,12 @@ class FrozenCLIPVision(FrozenViT):
         out = block(hidden, None)
         return out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
 
+    def attention_branch(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return block.self_attn(hidden_states=block.layer_norm1(hidden))[0]  # pre-norm
+
+    def mlp_branch(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return block.mlp(block.layer_norm2(hidden))
+
 
 class FrozenEVAVision(FrozenViT):
     """EVA-CLIP vision tower (EVA02-CLIP-bigE-14 shape for "vit-e14")."""
@@ -219,6 +233,12 @@ class FrozenEVAVision(FrozenViT):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.embeddings(images)
+
+    def attention_branch(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return block.norm1(block.attn(hidden))  # post-norm
+
+    def mlp_branch(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return block.norm2(block.mlp(hidden))
 
 
 def _clip_config(cfg: BackboneConfig) -> CLIPVisionConfig:

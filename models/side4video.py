@@ -35,6 +35,9 @@ class SideConfig:
     matching: str = "wti"
     """Retrieval matching: "wti" (weighted token-wise max similarity, both directions) or "mean" (mean
     frame embedding against the text's end token)."""
+    attention: str = "sdpa"
+    """Side attention kernel: "sdpa" (PyTorch's fused scaled_dot_product_attention, which keeps no attention
+    matrix for backward) or "eager" (softmax(q k^T) v, kept for measurement)."""
     checkpoint: bool = False
     """Activation checkpointing of the side blocks: keep each block's input and tap, recompute the rest in
     the backward pass (saved activations drop several-fold for about a third more side compute)."""
@@ -46,6 +49,8 @@ class SideConfig:
             raise ValueError(f"side.heads={self.num_heads} must divide side.width={self.width}")
         if self.matching not in ("wti", "mean"):
             raise ValueError(f"side.matching must be 'wti' or 'mean', got {self.matching!r}")
+        if self.attention not in ("sdpa", "eager"):
+            raise ValueError(f"side.attention must be 'sdpa' or 'eager', got {self.attention!r}")
         if self.temporal_kernel % 2 == 0:
             raise ValueError(f"side.temporal_kernel must be odd, got {self.temporal_kernel}")
 
@@ -99,6 +104,40 @@ def shift_class_token(cls: torch.Tensor) -> torch.Tensor:
     return torch.cat([from_next, from_prev], dim=-1)
 
 
+class _NormProject(torch.autograd.Function):
+    """``linear(layer_norm(tap))`` for a tap without autograd history, keeping only the tap itself (in the
+    dtype it was handed over in) and its per-token statistics for backward: the float32 copy and the
+    normalised tokens, each W wide, are recomputed there instead of being stored for every side block, and
+    no (tokens, W) gradient is formed (the tap needs none)."""
+
+    @staticmethod
+    def forward(ctx, tap, norm_weight, norm_bias, weight, bias, eps: float):
+        device = tap.device.type
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)  # (not on "meta")
+        ctx.compute = torch.get_autocast_dtype(device) if autocast else weight.dtype
+        normed, mean, rstd = torch.native_layer_norm(
+            tap.to(weight.dtype), tap.shape[-1:], norm_weight, norm_bias, eps
+        )
+        ctx.save_for_backward(tap, mean, rstd, norm_weight, norm_bias, weight)
+        return F.linear(normed.to(ctx.compute), weight.to(ctx.compute), bias.to(ctx.compute))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tap, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
+        xhat = (
+            ((tap.to(weight.dtype) - mean) * rstd).flatten(0, -2).to(ctx.compute)
+        )  # (tokens, W), recomputed
+        grad = grad_out.flatten(0, -2).to(ctx.compute)  # (tokens, d)
+        # One GEMM serves all four gradients: with normed = xhat * g + b and M = grad^T xhat (d, W),
+        # grad^T normed = M * g + outer(sum(grad), b), and the norm's gradients are column sums of weight * M.
+        outer = (grad.t() @ xhat).to(weight.dtype)  # M
+        grad_bias = grad.sum(0, dtype=weight.dtype)
+        grad_weight = outer * norm_weight + grad_bias[:, None] * norm_bias
+        grad_norm_weight = (weight * outer).sum(0)
+        grad_norm_bias = grad_bias @ weight
+        return None, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, None
+
+
 class TapFusion(nn.Module):
     """LayerNorm + Linear from a backbone block's tokens into side width."""
 
@@ -109,7 +148,11 @@ class TapFusion(nn.Module):
 
     def forward(self, tokens: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B*T, 1 + N, W) -> class (B, T, d), patches (B, T, N, d)."""
-        projected = self.proj(self.norm(tokens))
+        if tokens.requires_grad:  # not a frozen tap: plain autograd
+            projected = self.proj(self.norm(tokens))
+        else:
+            norm, proj = self.norm, self.proj
+            projected = _NormProject.apply(tokens, norm.weight, norm.bias, proj.weight, proj.bias, norm.eps)
         projected = projected.unflatten(0, (-1, frames))  # (B, T, 1 + N, d)
         return projected[:, :, 0], projected[:, :, 1:]
 
@@ -136,9 +179,9 @@ class TemporalConv(nn.Module):
 class SpatialAttention(nn.Module):
     """Attention within each frame: patch-token queries; keys/values also see the shifted class token."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, fused: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.fused = heads, fused
         self.in_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
@@ -147,7 +190,11 @@ class SpatialAttention(nn.Module):
         batch, frames, length, width = context.shape
         qkv = self.in_proj(context).view(batch * frames, length, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B*T, heads, 1 + N, head_dim)
-        out = F.scaled_dot_product_attention(q[:, :, 1:], k, v)  # (B*T, heads, N, head_dim)
+        if self.fused:
+            out = F.scaled_dot_product_attention(q[:, :, 1:], k, v)  # (B*T, heads, N, head_dim)
+        else:
+            weights = (q[:, :, 1:] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B*T, heads, N, 1 + N)
+            out = weights.softmax(dim=-1) @ v
         out = out.transpose(1, 2).reshape(batch, frames, length - 1, width)
         return self.out_proj(out)
 
@@ -167,19 +214,26 @@ class SideBlock(nn.Module):
     """One side block: fuse a tap, then temporal, spatial-attention and MLP residual parts."""
 
     def __init__(
-        self, backbone_width: int, width: int, heads: int, mlp_ratio: float, tokens: int, kernel: int
+        self,
+        backbone_width: int,
+        width: int,
+        heads: int,
+        mlp_ratio: float,
+        tokens: int,
+        kernel: int,
+        fused_attention: bool = True,
     ):
         super().__init__()
         self.fusion = TapFusion(backbone_width, width)
         self.temporal = TemporalConv(width, kernel)
         self.pos_embed = nn.Parameter(torch.zeros(tokens, width))
         self.attn_norm = nn.LayerNorm(width)
-        self.attn = SpatialAttention(width, heads)
+        self.attn = SpatialAttention(width, heads, fused_attention)
         self.mlp = Mlp(width, int(width * mlp_ratio))
 
     def forward(self, x: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
         """x (B, T, N, d) side tokens, tap (B*T, 1 + N, W) backbone tokens -> (B, T, N, d)."""
-        cls, patches = self.fusion(tap.to(x.dtype), x.shape[1])
+        cls, patches = self.fusion(tap, x.shape[1])  # the tap stays in its handover dtype
         x = 0.5 * x + 0.5 * patches
         x = x + self.temporal(x)
         context = torch.cat(
@@ -221,7 +275,15 @@ class Side4Video(nn.Module):
         )
         self.stem_norm = TokenBatchNorm(width)
         self.blocks = nn.ModuleList(
-            SideBlock(backbone_width, width, cfg.num_heads, cfg.mlp_ratio, grid * grid, kernel)
+            SideBlock(
+                backbone_width,
+                width,
+                cfg.num_heads,
+                cfg.mlp_ratio,
+                grid * grid,
+                kernel,
+                cfg.attention == "sdpa",
+            )
             for _ in range(depth)
         )
         self.norm = TokenBatchNorm(width)

@@ -71,3 +71,11 @@ def test_deepspeed_contradiction_is_an_error(tmp_path):
     cfg = load_config(None, ["data.batch_size=4", f"train.deepspeed_config={path}"])
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
         resolve_deepspeed_config(cfg, 1, False)
+
+
+def test_side_network_under_zero3_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = load_config(None, [f"train.deepspeed_config={path}"])
+    with pytest.raises(ConfigError, match="stage 0-2"):
+        resolve_deepspeed_config(cfg, 1, False)

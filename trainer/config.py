@@ -144,6 +144,10 @@ def resolve_deepspeed_config(cfg: RunConfig, world_size: int, bf16_supported: bo
                 f'{path}: {key}={current} contradicts the run config ({value}); set it to "auto"'
             )
     zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) == 3:
+        # Partitioning a network of a few million weights saves little, and the side network's fused tap
+        # projection reads its norm and projection weights outside their own modules' forwards.
+        raise ConfigError(f"train.deepspeed_config: {path}: the side network trains under ZeRO stage 0-2")
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if zero.get(key) == "auto":
             zero[key] = -(-int(min(max(params, 1), 5e7)) // 256) * 256  # DeepSpeed wants aligned sizes
