@@ -124,9 +124,8 @@ class _NormProject(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         tap, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
-        xhat = (
-            ((tap.to(weight.dtype) - mean) * rstd).flatten(0, -2).to(ctx.compute)
-        )  # (tokens, W), recomputed
+        # (tokens, W) normalised tap, recomputed
+        xhat = ((tap.to(weight.dtype) - mean) * rstd).flatten(0, -2).to(ctx.compute)
         grad = grad_out.flatten(0, -2).to(ctx.compute)  # (tokens, d)
         # One GEMM serves all four gradients: with normed = xhat * g + b and M = grad^T xhat (d, W),
         # grad^T normed = M * g + outer(sum(grad), b), and the norm's gradients are column sums of weight * M.
