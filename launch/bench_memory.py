@@ -21,24 +21,30 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from itertools import product
 from pathlib import Path
 
+import torch
+
 from models.baselines import METHODS
+from trainer import benchmark
 from trainer.benchmark import BenchConfig, measure
 
-# Each of Side4Video's lean defaults switched off, one at a time (--lean).
-LEAN_SWITCHES = {
-    "side4video:checkpoint=0": "no side-block checkpointing",
-    "side4video:handover=bfloat16": "frozen backbone and its features in bfloat16 (at float32 precision)",
-    "side4video:attention=eager": "eager side attention (no SDPA)",
-    "side4video:stream=0": "all taps collected before the side network runs",
-    "side4video:tap_every=2": "every second block tapped (6 of 12 side blocks)",
-}
+# Side4Video's lean switches, each flipped from its default one at a time (--lean): no side-block
+# checkpointing; a bf16 frozen backbone and features beside a float32 side network; eager side attention;
+# every tap collected before the side network runs; every second block tapped.
+LEAN_SWITCHES = (
+    "side4video:checkpoint=0",
+    "side4video:handover=bfloat16",
+    "side4video:attention=eager",
+    "side4video:stream=0",
+    "side4video:tap_every=2",
+)
 GIB = 2**30
 # Memory categories of the tables and the plot; "other" holds the input clips and float32 master weights.
-CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries", "other")
+CATEGORIES = tuple(c for c in benchmark.CATEGORIES.values() if c != "buffers")
+DESCRIBED = ("method", "backbone", "frames", "batch", "dtype", "device")
 RESULT_PREFIX = "RESULT "
 
 
@@ -71,18 +77,12 @@ def configurations(args: argparse.Namespace) -> list[BenchConfig]:
     methods = list(METHODS) if args.methods == ["all"] else list(args.methods)
     if args.lean:
         methods += [m for m in LEAN_SWITCHES if m not in methods]
-    device = args.device or _default_device()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     grid = product(args.backbones, args.frames, args.dtype, args.batch, methods)
     return [
         BenchConfig(m, backbone, frames, batch, dtype, device, args.steps, args.num_classes)
         for backbone, frames, dtype, batch, m in grid
     ]
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_isolated(cfg: BenchConfig, timeout: float) -> dict:
@@ -104,6 +104,12 @@ def run_isolated(cfg: BenchConfig, timeout: float) -> dict:
 
 def _group(record: dict) -> tuple:
     return record["backbone"], record["frames"], record["batch"], record["dtype"], record["device"]
+
+
+def _series(record: dict) -> tuple:
+    """The group without the batch size: the rows of one memory-against-batch plot."""
+    backbone, frames, _, dtype, device = _group(record)
+    return backbone, frames, dtype, device
 
 
 def ratios(records: list[dict]) -> list[dict]:
@@ -137,13 +143,11 @@ def markdown(records: list[dict]) -> str:
     )
     lines = []
     for r in records:
+        cells = [r[key] for key in DESCRIBED]
         if "error" in r:
-            cells = [r["method"], r["backbone"], r["frames"], r["batch"], r["dtype"], r["device"], r["error"]]
-            lines.append("| " + " | ".join(map(str, cells)) + " |" + " |" * 10)
+            lines.append("| " + " | ".join(map(str, [*cells, r["error"]])) + " |" + " |" * 10)
             continue
-        cat = r["peak_by_category"]
-        gib = [cat.get(k, 0) / GIB for k in CATEGORIES]
-        cells = [r["method"], r["backbone"], r["frames"], r["batch"], r["dtype"], r["device"]]
+        gib = [r["peak_by_category"].get(k, 0) / GIB for k in CATEGORIES]
         cells += [
             f"{r['peak_bytes'] / GIB:.3f}",
             *(f"{g:.3f}" for g in gib),
@@ -172,9 +176,9 @@ def plot(records: list[dict], path: Path) -> None:
     if not ok:
         return
     first = ok[0]
-    same = [r for r in ok if _group(r)[:2] + _group(r)[3:] == _group(first)[:2] + _group(first)[3:]]
-    batch = max(r["batch"] for r in same)
-    bars = [r for r in same if r["batch"] == batch]
+    series = [r for r in ok if _series(r) == _series(first)]
+    batch = max(r["batch"] for r in series)
+    bars = [r for r in series if r["batch"] == batch]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     bottom = [0.0] * len(bars)
     for category in CATEGORIES:
@@ -182,12 +186,12 @@ def plot(records: list[dict], path: Path) -> None:
         left.bar([r["method"] for r in bars], heights, bottom=bottom, label=category)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     left.set_ylabel("peak memory (GiB)")
-    backbone, frames, _, dtype, device = _group(first)
+    backbone, frames, dtype, device = _series(first)
     left.set_title(f"{backbone}, {frames} frames, batch {batch}, {dtype}, {device}")
     left.tick_params(axis="x", rotation=45)
     left.legend()
-    for method in dict.fromkeys(r["method"] for r in same):
-        points = sorted((r["batch"], r["peak_bytes"] / GIB) for r in same if r["method"] == method)
+    for method in dict.fromkeys(r["method"] for r in series):
+        points = sorted((r["batch"], r["peak_bytes"] / GIB) for r in series if r["method"] == method)
         right.plot(*zip(*points, strict=True), marker="o", label=method)
     right.set_xlabel("batch size (clips)")
     right.set_ylabel("peak memory (GiB)")
@@ -199,17 +203,17 @@ def plot(records: list[dict], path: Path) -> None:
 
 def write_reports(records: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(markdown(records))
+    text = markdown(records)
+    (out / "results.md").write_text(text)
     plot(records, out / "memory.png")
-    print(markdown(records))
+    print(text)
     print(f"wrote {out}/results.md and memory.png", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one:
-        known = {f.name for f in fields(BenchConfig)}
-        record = measure(BenchConfig(**{k: v for k, v in json.loads(args.one).items() if k in known}))
+        record = measure(BenchConfig(**json.loads(args.one)))
         print(RESULT_PREFIX + json.dumps(asdict(record)), flush=True)
         return 0
     if args.report:

@@ -117,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    # Skip the interpreter's teardown: with 2 CPU ranks under ZeRO-3, native threads destroyed there
-    # sometimes abort ("terminate called without an active exception") after all work is saved.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from trainer.distributed import exit_without_teardown  # (imports DeepSpeed: not before config errors)
+
+    exit_without_teardown(code)

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -221,7 +221,6 @@ class MasterWeightAdamW:
         for param, master in zip(self.params, self.master, strict=True):
             if master is not param:
                 param.copy_(master)
-            param.grad = None
 
 
 def _log(message: str) -> None:
@@ -252,7 +251,6 @@ class Record:
     frozen_params: int
     forward_gflops: float
     """Forward FLOPs of the whole batch, in 1e9."""
-    extra: dict = field(default_factory=dict)
 
 
 def measure(cfg: BenchConfig) -> Record:
@@ -298,7 +296,6 @@ def measure(cfg: BenchConfig) -> Record:
     )
     with tracker:
         step()
-    # (B, T, 3, H, W) frames at the backbone's own size (224 for the published shapes)
     (snapshot,) = (
         snap for dev, snap in tracker.get_tracker_snapshot("peak").items() if dev.type == device.type
     )
@@ -308,6 +305,7 @@ def measure(cfg: BenchConfig) -> Record:
     if device.type == "cuda":
         peak, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
     rss_peak = peak_rss_bytes()
+    trainable_params = count_params(model)
     described = ("method", "backbone", "frames", "batch", "dtype", "device")
     return Record(
         **{key: getattr(cfg, key) for key in described},
@@ -318,7 +316,7 @@ def measure(cfg: BenchConfig) -> Record:
         rss_peak_bytes=rss_peak,
         rss_delta_bytes=rss_peak - rss_before,
         step_seconds=statistics.median(times),
-        trainable_params=count_params(model),
-        frozen_params=sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        trainable_params=trainable_params,
+        frozen_params=count_params(model, trainable_only=False) - trainable_params,
         forward_gflops=flops.get_total_flops() / 1e9,
     )
