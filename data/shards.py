@@ -1,7 +1,9 @@
 """WebDataset tar shards of videos -> batches of uint8 clips.
 
 A sample is ``KEY.mp4`` (or another container) + ``KEY.cls`` (integer label) + optional ``KEY.json``; for
-retrieval, ``KEY.json`` holds the captions and ``KEY.cls`` is not needed (see ``data.captions``).
+retrieval, ``KEY.json`` holds the captions and ``KEY.cls`` is not needed (see ``data.captions``). Image
+shards (``KEY.jpg`` + optional ``KEY.cls``, see ``data.images``) stream through the same ``VideoShards`` with
+an image decoder.
 
 Streaming contract:
 - Each (rank, worker) pair is a *slot*. Shards are dealt to slots round-robin; with fewer shards than slots,
@@ -52,6 +54,7 @@ VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
 SKIP_KINDS = (
     "decode_error",
     "missing_video",
+    "missing_image",
     "missing_label",
     "bad_label",
     "too_few_frames",
@@ -118,6 +121,12 @@ class DataConfig:
     """Allow ``pipe:COMMAND`` shard URLs, which run COMMAND in a shell."""
     tokenizer: str | None = None
     """Retrieval: a local CLIPTokenizer directory (vocab.json + merges.txt, or tokenizer.json)."""
+    image_shards: str | None = None
+    """BEVT: image training shards (``KEY.jpg``/``KEY.png``, optional ``KEY.cls``), read beside the videos."""
+    image_eval_shards: str | None = None
+    """BEVT: image shards for the masked-accuracy evaluation (None: the image stream is not evaluated)."""
+    image_batch_size: int = 64
+    """BEVT: images per rank per micro-step (published: 64 beside 8 clips)."""
     max_words: int = 32
     """Retrieval: tokens per caption, start and end tokens included (longer ones are cut, keeping the end)."""
 
@@ -220,6 +229,16 @@ class ClassLabel:
 
     def collate(self, targets: list[int]) -> dict:
         return {"labels": torch.tensor(targets, dtype=torch.long)}
+
+
+class Unlabelled:
+    """No target (pretraining, tokenizer fitting): labels, if the shards have them, are not read."""
+
+    def __call__(self, sample: dict, rng: np.random.Generator | None) -> None:
+        return None
+
+    def collate(self, targets: list) -> dict:
+        return {}
 
 
 def video_bytes(sample: dict) -> bytes:
@@ -462,10 +481,30 @@ def build_loader(
     """
     urls = expand_shards(cfg.train_shards if train else cfg.eval_shards, cfg.allow_pipe)
     decoder = VideoClipDecoder(cfg, image_size, target, train, seed)
+    batch_size = cfg.batch_size if train else cfg.eval_batch_size
+    return shard_loader(
+        cfg, urls, decoder, batch_size, train, seed, rank, world_size, resume, worker_offset, worker_init_fn
+    )
+
+
+def shard_loader(
+    cfg: DataConfig,
+    urls: list[str],
+    decoder,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    rank: int,
+    world_size: int,
+    resume: dict[int, dict] | None = None,
+    worker_offset: int = 0,
+    worker_init_fn: Callable[[int], None] | None = None,
+) -> DataLoader:
+    """One rank's DataLoader over a ``VideoShards`` of ``urls`` and ``decoder`` (which batches itself)."""
     dataset = VideoShards(
         urls,
         decoder,
-        cfg.batch_size if train else cfg.eval_batch_size,
+        batch_size,
         train,
         seed,
         rank,

@@ -4,6 +4,8 @@ Each clip shows a shape of random kind, colour, size and place moving in one of 
 distractor over a textured background. Positions and sizes are drawn so that the middle frame has the same
 distribution for every class: no single frame reveals the class, only the order of frames does.
 
+The image variant (``synthetic_images``) is one frame of such a clip, labelled by the moving shape's kind.
+
 The retrieval variant (``retrieval_samples``) draws the moving shape's colour from named colours and its
 speed from two, and describes each clip in several captions built from its colour, shape, motion and speed.
 """
@@ -14,6 +16,7 @@ import io
 
 import av
 import numpy as np
+from PIL import Image
 
 MOTIONS = ("left", "right", "up", "down", "clockwise", "anticlockwise", "approaching", "receding")
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -113,6 +116,21 @@ def synthetic_samples(
         clip = render_clip(MOTIONS[label], rng, size, frames)
         meta = {"motion": MOTIONS[label], "frames": frames, "height": size, "width": size}
         yield f"{prefix}{index:06d}", "mp4", encode_mp4(clip), label, meta
+
+
+def synthetic_images(count: int, seed: int, size: int = 112, prefix: str = "image", start: int = 0):
+    """``count`` (key, "png", bytes, label, metadata) images numbered from ``start``, classes balanced: one
+    frame, at a random time, of a clip with a random motion whose moving shape is ``SHAPES[label]`` (the
+    clip's static distractor, usually smaller, has a random shape)."""
+    rng = np.random.default_rng(seed)
+    for index in range(start, start + count):
+        label = index % len(SHAPES)
+        motion = str(rng.choice(MOTIONS))
+        clip = render_clip(motion, rng, size, frames=8, shape=SHAPES[label])
+        buffer = io.BytesIO()
+        Image.fromarray(clip[rng.integers(len(clip))]).save(buffer, format="PNG")
+        meta = {"shape": SHAPES[label], "motion": motion, "height": size, "width": size}
+        yield f"{prefix}{index:06d}", "png", buffer.getvalue(), label, meta
 
 
 # -- retrieval ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Train a side network beside a frozen image backbone.
+"""Train: a side network beside a frozen image backbone, a Video Swin recognizer, or BEVT pretraining.
 
     python -m launch.train [--config configs/NAME.yaml] [key=value ...]
     deepspeed --num_gpus N --module launch.train --config configs/NAME.yaml [key=value ...]
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from data.shards import DataError
+    from trainer.bevt import BEVTTrainer
     from trainer.distributed import destroy, init_distributed
     from trainer.preemption import PREEMPTED_EXIT_CODE
     from trainer.trainer import Trainer
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     dist = init_distributed()
     trainer = None
     try:
-        trainer = Trainer(cfg, dist)
+        trainer = (BEVTTrainer if cfg.task == "bevt" else Trainer)(cfg, dist)
         if "preempted" in trainer.train():
             return PREEMPTED_EXIT_CODE
     except (ConfigError, FileNotFoundError) as exc:

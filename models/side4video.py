@@ -348,8 +348,8 @@ class Side4Video(nn.Module):
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Norms, biases and position embeddings are not decayed."""
-    return param.ndim <= 1 or name.endswith("pos_embed")
+    """Norms, biases, position embeddings and relative-position-bias tables are not decayed."""
+    return param.ndim <= 1 or name.endswith(("pos_embed", "relative_position_bias_table"))
 
 
 def count_params(module: nn.Module, trainable_only: bool = True) -> int:

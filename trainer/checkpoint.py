@@ -15,6 +15,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from trainer.distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,43 @@ class Checkpointer:
         for old in tags[: -self.cfg.keep]:
             if old.name != keep_tag:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def read_module_state(path: str, key: str) -> dict[str, torch.Tensor]:
+    """The model weights of a run directory's latest checkpoint, a checkpoint directory, or a state-dict file
+    (.pt / .bin with the weights at the top level or under "module", "model" or "state_dict"; .safetensors).
+
+    ``key`` names the config field in errors.
+    """
+    source = Path(path)
+    if source.is_dir():
+        checkpoints = source / "checkpoints"
+        if (checkpoints / "latest").is_file():
+            source = checkpoints / (checkpoints / "latest").read_text().strip()
+        elif (source / "latest").is_file():
+            source = source / (source / "latest").read_text().strip()
+        files = sorted(source.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(
+                f"{key}: {path} holds no complete checkpoint (no latest, no model states)"
+            )
+        source = files[0]
+    elif not source.is_file():
+        raise FileNotFoundError(f"{key}: {path} does not exist")
+    if source.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(source))
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=False)  # DeepSpeed's files hold objects
+    except Exception as exc:
+        raise ValueError(f"{key}: {source} is not a torch checkpoint: {exc}") from None
+    for wrapper in ("module", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{key}: {source} does not hold a state dict of tensors")
+    return state
 
 
 def _atomic_write(path: Path, text: str) -> None:

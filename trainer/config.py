@@ -11,6 +11,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.shards import DataConfig
 from models import BackboneConfig, SideConfig, TextConfig
+from models.bevt import BEVTConfig
+from models.swin3d import SwinConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.evaluate import EvalConfig
 from trainer.metrics import MetricsConfig
@@ -50,7 +52,8 @@ class TrainConfig:
             raise ValueError("train.grad_clip must be >= 0 and train.label_smoothing in [0, 1)")
 
 
-TASKS = ("recognition", "retrieval")
+TASKS = ("recognition", "retrieval", "bevt")
+MODELS = ("side4video", "video_swin")
 
 
 @dataclass
@@ -60,9 +63,17 @@ class RunConfig:
     run_dir: str = "runs/demo"
     """Where config.yaml, metrics.jsonl, TensorBoard events, checkpoints and eval.json go."""
     task: str = "recognition"
-    """recognition (labels, cross-entropy, top-1/top-5) or retrieval (captions, contrastive, R@k)."""
+    """recognition (labels, cross-entropy, top-1/top-5), retrieval (captions, contrastive, R@k) or bevt
+    (masked image and video modelling pretraining of a Video Swin)."""
+    model: str = "side4video"
+    """What trains: side4video (a side network beside the frozen backbone) or video_swin (the whole encoder:
+    BEVT pretraining, or recognition fine-tuning from swin.init_from)."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     side: SideConfig = field(default_factory=SideConfig)
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    """The Video Swin encoder (model: video_swin)."""
+    bevt: BEVTConfig = field(default_factory=BEVTConfig)
+    """BEVT pretraining (task: bevt)."""
     text: TextConfig = field(default_factory=TextConfig)
     """The frozen text encoder (retrieval only)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -75,6 +86,14 @@ class RunConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task: {self.task!r} is not one of {TASKS}")
+        if self.model not in MODELS:
+            raise ValueError(f"model: {self.model!r} is not one of {MODELS}")
+        if self.task == "bevt" and self.model != "video_swin":
+            raise ValueError("model: BEVT pretrains a Video Swin; set model=video_swin")
+        if self.task == "retrieval" and self.model != "side4video":
+            raise ValueError("model: retrieval trains the Side4Video side network; set model=side4video")
+        if self.task == "bevt" and not self.data.image_shards:
+            raise ValueError("data.image_shards: BEVT reads image shards in both stages")
         if self.task == "retrieval":
             if not self.data.tokenizer:
                 raise ValueError("data.tokenizer: retrieval needs a CLIPTokenizer directory")
@@ -82,6 +101,11 @@ class RunConfig:
                 raise ValueError(
                     "data.eval_clips and data.eval_crops: retrieval evaluates one view (1 and 1)"
                 )
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the recognition model being trained."""
+        return self.swin.num_classes if self.model == "video_swin" else self.side.num_classes
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

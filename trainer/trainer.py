@@ -1,7 +1,9 @@
-"""The trainer: a frozen backbone feeding a side network trained in one DeepSpeed engine.
+"""The trainer: one DeepSpeed engine over the trainable network, fed from video shards.
 
-Recognition trains the classifier with cross-entropy; retrieval adds a frozen text encoder and trains the
-side network's video embeddings against its captions with a contrastive loss over the global batch.
+Recognition trains a classifier with cross-entropy: the Side4Video side network beside a frozen backbone
+(``model: side4video``), or a whole Video Swin (``model: video_swin``, e.g. fine-tuning after BEVT).
+Retrieval adds a frozen text encoder and trains the side network's video embeddings against its captions
+with a contrastive loss over the global batch. BEVT pretraining (``trainer.bevt``) extends this loop.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from data.captions import CaptionTarget, load_tokenizer, tokenize
 from data.shards import SKIP_KINDS, build_loader
 from data.video import normalize
 from models import build_retrieval_network, build_side_network, contrastive_loss, count_params
-from trainer.checkpoint import Checkpointer
+from models.swin3d import SwinRecognizer, build_swin, load_encoder_weights
+from trainer.checkpoint import Checkpointer, read_module_state
 from trainer.config import ConfigError, RunConfig, dump_config, resolve_deepspeed_config
 from trainer.distributed import DistInfo, all_reduce_sum, gather_batch
 from trainer.evaluate import FRAME_ORDERS, evaluate
@@ -43,23 +46,23 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
 
-        self.backbone, self.frozen = build_frozen(cfg, dist)
         self.retrieval = cfg.task == "retrieval"
-        side = self._build_retrieval() if self.retrieval else build_side_network(cfg.side, self.backbone)
-        trainable = count_params(side)
+        self.backbone = self.frozen = None  # the frozen image model and what runs it (Side4Video only)
+        self.notes: list[str] = []  # lines for the log from model building (written once it exists)
+        network = self.build_network()
+        trainable = count_params(network)
         ds_config = resolve_deepspeed_config(cfg, dist.world_size, dist.bf16_supported, trainable)
         self.dtype = compute_dtype(ds_config)
-        optimizer = build_optimizer(cfg.optim, side)
+        optimizer = build_optimizer(cfg.optim, network)
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=side, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+            model=network, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
 
-        self.augment = (
-            DeviceAugment(cfg.data, self.backbone.image_size) if cfg.data.augment_on == "device" else None
-        )
+        self.augment = DeviceAugment(cfg.data, self.image_size) if cfg.data.augment_on == "device" else None
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, dist)
         state = self.checkpointer.load(self.engine) or {}
+        self.resumed_state = state
         self.step: int = state.get("step", 0)
         self.batches_seen: int = state.get("batches_seen", 0)
         self.data_state: dict[int, dict] = {int(k): v for k, v in state.get("data", {}).items()}
@@ -67,14 +70,44 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, dist.is_main, cfg.train.steps, self.step)
         if dist.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
-        frozen = sum(getattr(p, "ds_numel", p.numel()) for p in self.backbone.parameters())
         self.metrics.write(
-            f"backbone {cfg.backbone.pretrained or cfg.backbone.name}: {frozen:,} frozen params, "
-            f"taps {self.backbone.taps}; side network: {trainable:,} trainable params; "
+            f"{self.describe()}: {trainable:,} trainable params; "
             f"{dist.world_size} rank(s) on {dist.device.type}, {self.dtype}"
         )
+        for note in self.notes:
+            self.metrics.write(note)
 
     # -- model -----------------------------------------------------------------------------------------------
+
+    def build_network(self) -> torch.nn.Module:
+        """The trainable network (and, for Side4Video, the frozen backbone beside it); sets ``image_size``."""
+        cfg = self.cfg
+        if cfg.model == "video_swin":
+            self.image_size = cfg.swin.image_size
+            model = SwinRecognizer(build_swin(cfg.swin), cfg.swin.num_classes, cfg.swin.head_dropout)
+            self.load_init(model)
+            return model
+        self.backbone, self.frozen = build_frozen(cfg, self.dist)
+        self.image_size = self.backbone.image_size
+        return self._build_retrieval() if self.retrieval else build_side_network(cfg.side, self.backbone)
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        if self.backbone is None:
+            return f"{cfg.model} {cfg.swin.name} ({cfg.task})"
+        frozen = sum(getattr(p, "ds_numel", p.numel()) for p in self.backbone.parameters())
+        return (
+            f"backbone {cfg.backbone.pretrained or cfg.backbone.name}: {frozen:,} frozen params, "
+            f"taps {self.backbone.taps}; side network"
+        )
+
+    def load_init(self, model: torch.nn.Module) -> None:
+        """Initialise a Video Swin model's weights from ``swin.init_from`` (before the engine exists)."""
+        swin = self.cfg.swin
+        if swin.init_from:
+            state = read_module_state(swin.init_from, "swin.init_from")
+            note = load_encoder_weights(model, state, swin.inflate)
+            self.notes.append(f"initialised from {swin.init_from}: {note}")
 
     def _build_retrieval(self):
         """The retrieval side network (its frozen output head copied from the backbone); the text encoder."""
@@ -93,6 +126,8 @@ class Trainer:
     def predict(self, clips: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) normalised clips -> (B, classes) logits, or (B, T, E) frame embeddings for
         retrieval; side block i runs right after tap i."""
+        if self.frozen is None:
+            return self.engine(clips)
         return self.engine(clips, self.frozen(clips.flatten(0, 1)))
 
     def loss(self, batch: dict, clips: torch.Tensor) -> torch.Tensor:
@@ -157,8 +192,12 @@ class Trainer:
             self.save()
         return self.final_evaluation()
 
+    def train_state(self) -> dict:
+        """What a checkpoint keeps of this rank besides the engine: the step and the data position."""
+        return {"step": self.step, "batches_seen": self.batches_seen, "data": self.data_state}
+
     def save(self) -> None:
-        state = {"step": self.step, "batches_seen": self.batches_seen, "data": self.data_state}
+        state = self.train_state()
         path = self.checkpointer.save(self.engine, self.step, state)
         self.metrics.write(f"step {self.step}: checkpoint {path}")
 
@@ -167,19 +206,27 @@ class Trainer:
         skipped = self._skip_counts()
         reduced = all_reduce_sum([loss, *skipped], self.dist.device)
         peak = all_reduce_sum([peak_memory_bytes(self.dist.device)], self.dist.device)[0] / world
-        clips = self.cfg.data.batch_size * self.cfg.train.grad_accum * world * steps
         values = {
             "loss": reduced[0] / world,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": _as_float(self.engine.get_global_grad_norm()),
-            "clips_per_s": clips / max(seconds, 1e-9),
+            **self.throughput(steps, seconds),
             "peak_mem_gb": peak / 2**30,
             "skipped": int(sum(reduced[1:])),
+            **self.window_metrics(steps),
         }
         values.update(
             {f"skipped/{kind}": int(n) for kind, n in zip(SKIP_KINDS, reduced[1:], strict=True) if n}
         )
         self.metrics.log(self.step, values)
+
+    def throughput(self, steps: int, seconds: float) -> dict:
+        clips = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.dist.world_size * steps
+        return {"clips_per_s": clips / max(seconds, 1e-9)}
+
+    def window_metrics(self, steps: int) -> dict:
+        """Task-specific training metrics over the ``steps`` since the last log line (none here)."""
+        return {}
 
     def _skip_counts(self) -> list[int]:
         totals = dict.fromkeys(SKIP_KINDS, 0)
@@ -196,11 +243,11 @@ class Trainer:
         target = (
             CaptionTarget(cfg.data.tokenizer, cfg.data.max_words, train)
             if self.retrieval
-            else cfg.side.num_classes
+            else cfg.num_classes
         )
         return build_loader(
             cfg.data,
-            self.backbone.image_size,
+            self.image_size,
             target,
             train,
             cfg.train.seed,
@@ -225,7 +272,7 @@ class Trainer:
             self.engine.train()
 
     def _filler_batch(self) -> dict:
-        data, size = self.cfg.data, self.backbone.image_size
+        data, size = self.cfg.data, self.image_size
         frames = torch.zeros(1, data.views, data.num_frames, 3, size, size, dtype=torch.uint8)
         if self.retrieval:  # one empty caption
             ids, mask = tokenize(load_tokenizer(data.tokenizer), [""], data.max_words)
