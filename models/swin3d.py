@@ -80,10 +80,29 @@ class SwinConfig:
             raise ValueError("swin.drop_path and swin.head_dropout must be in [0, 1)")
         if self.num_classes < 1:
             raise ValueError(f"swin.num_classes must be >= 1, got {self.num_classes}")
+        check_fit(self.shape, self.image_size)
 
     @property
     def shape(self) -> SwinShape:
         return SWIN_SIZES[self.name]
+
+
+def check_fit(shape: SwinShape, image_size: int, frames: int | None = None) -> None:
+    """Raise a ValueError naming the setting unless every stage's token grid (and, with ``frames``, the
+    temporal slots) is a multiple of the window or no larger than it (windows are never padded here)."""
+    grids = [image_size // (shape.patch[1] * 2**i) for i in range(len(shape.depths))]
+    if any(g > shape.window[1] and g % shape.window[1] for g in grids):
+        raise ValueError(
+            f"swin.image_size: {image_size} px gives stage grids {grids}, which the {shape.window[1:]} "
+            "window does not tile; pick a size whose grids are multiples of the window (or no larger)"
+        )
+    if frames is not None:
+        slots = frames // shape.patch[0]
+        if frames % shape.patch[0] or (slots > shape.window[0] and slots % shape.window[0]):
+            raise ValueError(
+                f"data.num_frames: {frames} frames must be a multiple of the temporal patch {shape.patch[0]} "
+                f"and give temporal slots that the window's {shape.window[0]} tiles"
+            )
 
 
 def window_for(size: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...]):
@@ -275,7 +294,8 @@ class VideoSwin(nn.Module):
         self.patch_embed = PatchEmbed(dims[0], shape.patch)
         self.mask_token = nn.Parameter(torch.zeros(dims[0]))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        rates = torch.linspace(0, drop_path, sum(shape.depths)).tolist()
+        blocks = sum(shape.depths)
+        rates = [drop_path * i / max(1, blocks - 1) for i in range(blocks)]  # linear, as in Swin
         self.layers = nn.ModuleList()
         start = 0
         for i, (depth, heads) in enumerate(zip(shape.depths, shape.heads, strict=True)):

@@ -12,8 +12,10 @@ import torch
 from models.bevt import BEVT
 from models.swin3d import (
     SWIN_SIZES,
+    SwinConfig,
     SwinRecognizer,
     VideoSwin,
+    build_swin,
     inflate_image_weights,
     load_encoder_weights,
     window_for,
@@ -27,6 +29,15 @@ SIZE = 64  # stage grids 16, 8, 4, 2: the stage-3 grid (4x4) is the target grid
 def encoder(seed: int = 0) -> VideoSwin:
     torch.manual_seed(seed)
     return VideoSwin(SHAPE).eval()
+
+
+def test_swin_b_has_the_published_shape():
+    with torch.device("meta"):
+        model = build_swin(SwinConfig(name="base", image_size=224))
+    params = sum(p.numel() for p in model.parameters())
+    assert 87e6 < params < 89e6  # Video Swin-B: 88M
+    assert model.shape.patch == (2, 4, 4) and model.shape.window == (8, 7, 7) and model.dims[-1] == 1024
+    assert model.stride == 16  # one target cell = 16 x 16 px: 14 x 14 at 224 px
 
 
 def test_image_stream_bias_is_the_temporal_distance_zero_slice():
@@ -160,7 +171,7 @@ def bevt_data(tiny_shards, tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("bevt")
     write_shards(synthetic_images(24, seed=0, size=32, prefix="train"), out / "images", "train", max_count=12)
-    write_shards(synthetic_images(8, seed=1, size=32, prefix="test"), out / "images", "test")
+    write_shards(synthetic_images(24, seed=1, size=32, prefix="test"), out / "images", "test")
     codebook = out / "kmeans.pt"
     args = [
         "--shards",
@@ -239,6 +250,23 @@ def test_two_stage_pretraining_then_fine_tuning(bevt_data, tmp_path):
     assert "not used: ['decoders'" in result.stdout  # the pretraining decoders were left behind
 
 
+def test_short_two_stage_pretraining_learns_both_streams(bevt_data, tmp_path):
+    """Stage 1 then stage 2, briefly: masked-token accuracy on held-out data beats 5 x chance (1 / codes) and
+    the majority code on both streams."""
+    common = {"optim.lr": 2e-3, "train.steps": 150, "optim.warmup_steps": 10, "metrics.log_every": 50}
+    stage1 = tmp_path / "stage1"
+    result = launch(bevt_overrides(bevt_data, stage1, **common, **{"bevt.stage": "image"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage2 = tmp_path / "stage2"
+    joint = {"swin.init_from": stage1, "swin.inflate": True, "train.steps": 300}
+    result = launch(bevt_overrides(bevt_data, stage2, **{**common, **joint}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((stage2 / "eval.json").read_text())
+    for name in ("image", "video"):
+        assert final[f"{name}_masked_acc"] >= 5 * final["chance"], json.dumps(final)
+        assert final[f"{name}_masked_acc"] > final[f"{name}_majority_acc"], final
+
+
 def test_stage2_on_two_ranks_completes_and_resumes(bevt_data, tmp_path):
     """Stage 2 on 2 ranks with the tokenizer partitioned by ZeRO-3 inference (the frozen backbone's
     machinery), interrupted after 2 steps and resumed to 4."""
@@ -265,6 +293,9 @@ def test_bevt_config_errors_are_one_line(bevt_data, tmp_path):
         "bevt.tokenizer.path=/nonexistent.pt": "bevt.tokenizer.path",
         "swin.image_size=96": "grid",  # a 6x6 stage-3 grid against the tokenizer's 4x4 codes
         "bevt.stage=video": "bevt.stage",
+        "swin.init_from=/nonexistent": "swin.init_from: /nonexistent does not exist",
+        f"swin.init_from={bevt_data['codebook']}": "swin.init_from",  # not a model's weights
+        "swin.name=demo": "grid",
     }
     for override, message in cases.items():
         result = launch([*bevt_overrides(bevt_data, tmp_path / "bad"), override])

@@ -23,7 +23,7 @@ from data.masking import build_masking, masks_for
 from data.shards import SKIP_KINDS, Unlabelled, build_loader
 from data.video import normalize
 from models.bevt import BEVT, STREAMS
-from models.swin3d import build_swin
+from models.swin3d import build_swin, check_fit
 from models.tokenizers import build_tokenizer
 from trainer.config import ConfigError
 from trainer.distributed import all_reduce_sum
@@ -59,12 +59,11 @@ class BEVTTrainer(Trainer):
                 f"{self.image_size} / {encoder.stride}); fit the tokenizer at a matching size"
             )
         frames, patch_t = cfg.data.num_frames, encoder.shape.patch[0]
-        if frames % patch_t:
-            raise ConfigError(f"data.num_frames: {frames} is not a multiple of the temporal patch {patch_t}")
         try:
+            check_fit(encoder.shape, self.image_size, frames if "video" in self.streams else None)
+            slots = {"image": None, "video": frames // patch_t}
             self.masking = {
-                "image": build_masking(cfg.bevt.mask, (grid, grid), None),
-                "video": build_masking(cfg.bevt.mask, (grid, grid), frames // patch_t),
+                name: build_masking(cfg.bevt.mask, (grid, grid), slots[name]) for name in self.streams
             }
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

@@ -23,7 +23,7 @@ from data.captions import CaptionTarget, load_tokenizer, tokenize
 from data.shards import SKIP_KINDS, build_loader
 from data.video import normalize
 from models import build_retrieval_network, build_side_network, contrastive_loss, count_params
-from models.swin3d import SwinRecognizer, build_swin, load_encoder_weights
+from models.swin3d import SwinRecognizer, build_swin, check_fit, load_encoder_weights
 from trainer.checkpoint import Checkpointer, read_module_state
 from trainer.config import ConfigError, RunConfig, dump_config, resolve_deepspeed_config
 from trainer.distributed import DistInfo, all_reduce_sum, gather_batch
@@ -84,6 +84,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.model == "video_swin":
             self.image_size = cfg.swin.image_size
+            try:
+                check_fit(cfg.swin.shape, self.image_size, cfg.data.num_frames)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
             model = SwinRecognizer(build_swin(cfg.swin), cfg.swin.num_classes, cfg.swin.head_dropout)
             self.load_init(model)
             return model
@@ -105,8 +109,14 @@ class Trainer:
         """Initialise a Video Swin model's weights from ``swin.init_from`` (before the engine exists)."""
         swin = self.cfg.swin
         if swin.init_from:
-            state = read_module_state(swin.init_from, "swin.init_from")
-            note = load_encoder_weights(model, state, swin.inflate)
+            try:
+                state = read_module_state(swin.init_from, "swin.init_from")  # its errors name the key
+                note = load_encoder_weights(model, state, swin.inflate)
+            except ValueError as exc:
+                message = str(exc)
+                raise ConfigError(
+                    message if message.startswith("swin.") else f"swin.init_from: {message}"
+                ) from None
             self.notes.append(f"initialised from {swin.init_from}: {note}")
 
     def _build_retrieval(self):
