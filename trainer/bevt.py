@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from data.images import build_image_loader
@@ -41,7 +40,8 @@ class BEVTTrainer(Trainer):
         state = self.resumed_state
         self.image_state: dict[int, dict] = {int(k): v for k, v in state.get("image_data", {}).items()}
         self.image_batches_seen: int = state.get("image_batches_seen", 0)
-        self.window = {name: np.zeros(3) for name in self.streams}  # loss sum, correct, masked
+        # per stream since the last log line: loss sum, masked cells predicted right, masked cells
+        self.window = {name: torch.zeros(3, device=dist.device) for name in self.streams}
 
     # -- model -----------------------------------------------------------------------------------------------
 
@@ -136,12 +136,10 @@ class BEVTTrainer(Trainer):
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
-            for name, result in results.items():
-                self.window[name] += [
-                    result["loss"].item(),
-                    result["correct"].item(),
-                    result["masked"].item(),
-                ]
+            for name, result in results.items():  # summed on the device: no sync per step
+                self.window[name] += torch.stack(
+                    [result[k].detach().float() for k in ("loss", "correct", "masked")]
+                )
         return total / self.cfg.train.grad_accum
 
     def throughput(self, steps: int, seconds: float) -> dict:
@@ -159,7 +157,7 @@ class BEVTTrainer(Trainer):
             loss, correct, masked = all_reduce_sum(self.window[name].tolist(), self.dist.device)
             values[f"{name}/loss"] = loss / micro
             values[f"{name}/masked_acc"] = correct / max(masked, 1)
-            self.window[name][:] = 0
+            self.window[name].zero_()
         return values
 
     def train_state(self) -> dict:
