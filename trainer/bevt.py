@@ -12,14 +12,13 @@ the image ones). Fine-tuning is ordinary recognition with ``model: video_swin``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import torch
 
 from data.images import build_image_loader
 from data.masking import build_masking, masks_for
-from data.shards import SKIP_KINDS, Unlabelled, build_loader
+from data.shards import Unlabelled, build_loader
 from data.video import normalize
 from models.bevt import BEVT, STREAMS
 from models.swin3d import build_swin, check_fit
@@ -184,41 +183,23 @@ class BEVTTrainer(Trainer):
     def _stream_loader(self, name: str, train: bool):
         cfg, dist = self.cfg, self.dist
         workers = max(1, cfg.data.num_workers)
-        if name == "video":
-            return build_loader(
-                cfg.data,
-                self.image_size,
-                Unlabelled(),
-                train,
-                cfg.train.seed,
-                dist.rank,
-                dist.world_size,
-                resume=self.data_state if train else None,
-                worker_offset=self.batches_seen % workers if train else 0,
-                worker_init_fn=ignore_stop_signals,
-            )
+        video = name == "video"
+        state = self.data_state if video else self.image_state
+        seen = self.batches_seen if video else self.image_batches_seen
+        common = (train, cfg.train.seed, dist.rank, dist.world_size)
+        resume = {
+            "resume": state if train else None,
+            "worker_offset": seen % workers if train else 0,
+            "worker_init_fn": ignore_stop_signals,
+        }
+        if video:
+            return build_loader(cfg.data, self.image_size, Unlabelled(), *common, **resume)
         shards = cfg.data.image_shards if train else cfg.data.image_eval_shards
-        return build_image_loader(
-            cfg.data,
-            shards,
-            cfg.data.image_batch_size if train else cfg.data.eval_batch_size,
-            self.image_size,
-            train,
-            cfg.train.seed,
-            dist.rank,
-            dist.world_size,
-            resume=self.image_state if train else None,
-            worker_offset=self.image_batches_seen % workers if train else 0,
-            worker_init_fn=ignore_stop_signals,
-        )
+        batch = cfg.data.image_batch_size if train else cfg.data.eval_batch_size
+        return build_image_loader(cfg.data, shards, batch, self.image_size, *common, **resume)
 
-    def _skip_counts(self) -> list[int]:
-        totals = dict.fromkeys(SKIP_KINDS, 0)
-        for states in (self.data_state, self.image_state):
-            for state in states.values():
-                for kind, count in state.get("skips", {}).items():
-                    totals[kind] = totals.get(kind, 0) + count
-        return [totals[kind] for kind in SKIP_KINDS]
+    def loader_states(self) -> list[dict[int, dict]]:
+        return [self.data_state, self.image_state]
 
     # -- evaluation ------------------------------------------------------------------------------------------
 
@@ -267,16 +248,16 @@ class BEVTTrainer(Trainer):
                 ],
                 dtype=torch.float64,
             )
-        totals = torch.tensor(all_reduce_sum(counts.tolist(), self.dist.device))
-        cells = max(totals[vocab + 2].item(), 1.0)
         skipped = sum(n for skips in slot_skips.values() for n in skips.values())
+        totals = torch.tensor(all_reduce_sum([*counts.tolist(), skipped], self.dist.device))
+        cells = max(totals[vocab + 2].item(), 1.0)
         return {
             f"{name}_masked_acc": totals[vocab + 1].item() / cells,
             f"{name}_majority_acc": totals[:vocab].max().item() / cells,
             f"{name}_loss": totals[vocab].item() / cells,
             f"{name}_codes_used": int((totals[:vocab] > 0).sum().item()),
             f"{name}_masked_cells": int(totals[vocab + 2].item()),
-            f"{name}_skipped": int(all_reduce_sum([skipped], self.dist.device)[0]),
+            f"{name}_skipped": int(totals[vocab + 3].item()),
         }
 
     def final_evaluation(self) -> dict:
@@ -284,14 +265,4 @@ class BEVTTrainer(Trainer):
         for name in self.streams:
             if f"{name}_masked_acc" in result:
                 result[f"{name}_acc_over_chance"] = result[f"{name}_masked_acc"] / result["chance"]
-        skipped = all_reduce_sum(self._skip_counts(), self.dist.device)
-        result["skipped_train_samples"] = {
-            kind: int(n) for kind, n in zip(SKIP_KINDS, skipped, strict=True) if n
-        }
-        self.metrics.log(
-            self.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
-        )
-        if self.dist.is_main:
-            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        self.metrics.write(f"final evaluation: {json.dumps(result)}")
-        return result
+        return self.write_final(result)

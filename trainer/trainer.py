@@ -238,9 +238,13 @@ class Trainer:
         """Task-specific training metrics over the ``steps`` since the last log line (none here)."""
         return {}
 
+    def loader_states(self) -> list[dict[int, dict]]:
+        """The training loaders' per-slot positions and skip counts (one loader here)."""
+        return [self.data_state]
+
     def _skip_counts(self) -> list[int]:
         totals = dict.fromkeys(SKIP_KINDS, 0)
-        for state in self.data_state.values():
+        for state in (state for states in self.loader_states() for state in states.values()):
             for kind, count in state.get("skips", {}).items():
                 totals[kind] = totals.get(kind, 0) + count
         return [totals[kind] for kind in SKIP_KINDS]
@@ -300,6 +304,10 @@ class Trainer:
                 result.update(metrics)
             else:
                 result.update({f"{key}_{order}": metrics[key] for key in headline if key in metrics})
+        return self.write_final(result)
+
+    def write_final(self, result: dict) -> dict:
+        """Add the training samples skipped on all ranks to ``result``; log it and write eval.json."""
         skipped = all_reduce_sum(self._skip_counts(), self.dist.device)
         result["skipped_train_samples"] = {
             kind: int(n) for kind, n in zip(SKIP_KINDS, skipped, strict=True) if n
