@@ -87,8 +87,8 @@ class Side4VideoRetrieval(nn.Module):
         self.output = FrozenOutputHead(backbone_width, embed_dim, norm_eps, proj_bias)
         self.video_weights = TokenWeights(embed_dim)
         self.text_weights = TokenWeights(embed_dim)
-        # CLIP's initial temperature; shape (1,), not a scalar (DeepSpeed broadcasts parameters as bytes)
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        # shape (1,), not a scalar (DeepSpeed broadcasts parameters as bytes)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale)))
 
     def encode_video(self, frames: torch.Tensor, taps: Iterable[torch.Tensor]) -> torch.Tensor:
         """(B, T, 3, H, W) frames + taps (the last one the backbone's final block) -> (B, T, E) frames."""

@@ -35,6 +35,9 @@ class SideConfig:
     matching: str = "wti"
     """Retrieval matching: "wti" (weighted token-wise max similarity, both directions) or "mean" (mean
     frame embedding against the text's end token)."""
+    logit_scale: float = 100.0
+    """Retrieval: the initial logit scale (learnable, clamped at 100). 100 is a trained CLIP's, where the
+    published code starts; 1 / 0.07 is CLIP's own initialisation when trained from scratch."""
     attention: str = "sdpa"
     """Side attention kernel: "sdpa" (PyTorch's fused scaled_dot_product_attention, which keeps no attention
     matrix for backward) or "eager" (softmax(q k^T) v, kept for measurement)."""
@@ -49,6 +52,8 @@ class SideConfig:
             raise ValueError(f"side.heads={self.num_heads} must divide side.width={self.width}")
         if self.matching not in ("wti", "mean"):
             raise ValueError(f"side.matching must be 'wti' or 'mean', got {self.matching!r}")
+        if not 0 < self.logit_scale <= 100:
+            raise ValueError(f"side.logit_scale must be in (0, 100], got {self.logit_scale}")
         if self.attention not in ("sdpa", "eager"):
             raise ValueError(f"side.attention must be 'sdpa' or 'eager', got {self.attention!r}")
         if self.temporal_kernel % 2 == 0:

@@ -35,6 +35,7 @@ def test_repo_configs_load():
         (["data.num_frames=eight"], "data.num_frames"),  # wrong type
         (["side.width=48", "side.heads=5"], "side.heads"),  # invalid value (post-init)
         (["backbone.name=vit-x"], "backbone.name"),
+        (["side.logit_scale=150"], "side.logit_scale"),  # above the clamp
         (["nonsense=1"], "nonsense"),
     ],
 )
