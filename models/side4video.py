@@ -36,9 +36,8 @@ class SideConfig:
     """Retrieval matching: "wti" (weighted token-wise max similarity, both directions) or "mean" (mean
     frame embedding against the text's end token)."""
     logit_scale: float = 100.0
-    """Retrieval: the initial logit scale (learnable, clamped at 100). 100 is a trained CLIP's, from which
-    CLIP-based retrieval fine-tuning starts; 1 / 0.07 is CLIP's own initialisation for training from
-    scratch."""
+    """Retrieval: the initial logit scale (learnable, clamped at 100). 100 is where a trained CLIP's scale
+    ends (CLIP clamps it there); 1 / 0.07 is CLIP's own initialisation for training from scratch."""
     attention: str = "sdpa"
     """Side attention kernel: "sdpa" (PyTorch's fused scaled_dot_product_attention, which keeps no attention
     matrix for backward) or "eager" (softmax(q k^T) v, kept for measurement)."""

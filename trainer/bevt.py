@@ -187,16 +187,16 @@ class BEVTTrainer(Trainer):
         state = self.data_state if video else self.image_state
         seen = self.batches_seen if video else self.image_batches_seen
         common = (train, cfg.train.seed, dist.rank, dist.world_size)
-        resume = {
+        position = {
             "resume": state if train else None,
             "worker_offset": seen % workers if train else 0,
             "worker_init_fn": ignore_stop_signals,
         }
         if video:
-            return build_loader(cfg.data, self.image_size, Unlabelled(), *common, **resume)
+            return build_loader(cfg.data, self.image_size, Unlabelled(), *common, **position)
         shards = cfg.data.image_shards if train else cfg.data.image_eval_shards
         batch = cfg.data.image_batch_size if train else cfg.data.eval_batch_size
-        return build_image_loader(cfg.data, shards, batch, self.image_size, *common, **resume)
+        return build_image_loader(cfg.data, shards, batch, self.image_size, *common, **position)
 
     def loader_states(self) -> list[dict[int, dict]]:
         return [self.data_state, self.image_state]
