@@ -2,13 +2,14 @@
 
     python -m launch.bench_memory --methods all --backbones vit-b16 --frames 8 --batch 4 --dtype float32
 
-Sweeps method x backbone x frames x batch x dtype; each configuration runs a warm-up step, ``--steps`` timed
-training steps and one memory-tracked step in a fresh process (``trainer.benchmark.measure``). Writes
+Sweeps method x backbone x frames x batch x dtype; each configuration runs a warm-up step, one memory-tracked
+step and ``--steps`` timed training steps in a fresh process (``trainer.benchmark.measure``). Writes
 ``results.json`` (one record per configuration), ``results.md`` (tables, ratios against Side4Video) and
 ``memory.png`` (memory per method by category, and memory against batch size) under ``--out``.
 
-Method options (``side4video:checkpoint=0,handover=float32``) switch Side4Video's lean defaults one at a time;
-``--lean`` adds one configuration per switch. A backbone may be depth-reduced: ``vit-e14:8``.
+Method options (``side4video:checkpoint=0,handover=float32``) switch Side4Video's lean defaults; ``--lean``
+adds each Side4Video method once more per switch flipped (``--methods side4video:handover=bfloat16 --lean``
+measures every other switch beside the bf16 handover). A backbone may be depth-reduced: ``vit-e14:8``.
 ``--report a/results.json b/results.json --out merged`` renders the tables and plot of earlier sweeps.
 A configuration that fails (out of memory, an error) becomes a record with ``error``; the sweep goes on.
 """
@@ -32,14 +33,17 @@ from trainer import benchmark
 from trainer.benchmark import BenchConfig, measure
 
 # Side4Video's lean switches, each flipped from its default one at a time (--lean): no side-block
-# checkpointing; a bf16 frozen backbone and features beside a float32 side network; eager side attention;
-# every tap collected before the side network runs; every second block tapped.
+# checkpointing; plain autograd in the side MLP; norm outputs kept; a bf16 frozen backbone and features beside
+# a float32 side network; eager side attention; every tap collected before the side network runs; every
+# second block tapped.
 LEAN_SWITCHES = (
-    "side4video:checkpoint=0",
-    "side4video:handover=bfloat16",
-    "side4video:attention=eager",
-    "side4video:stream=0",
-    "side4video:tap_every=2",
+    "checkpoint=0",
+    "mlp_chunk=0",
+    "recompute_norms=0",
+    "handover=bfloat16",
+    "attention=eager",
+    "stream=0",
+    "tap_every=2",
 )
 GIB = 2**30
 # Memory categories of the tables and the plot; "other" holds the input clips and float32 master weights.
@@ -52,11 +56,42 @@ def _csv(kind):
     return lambda text: [kind(item) for item in text.split(",") if item]
 
 
+def _methods(text: str) -> list[str]:
+    """Comma list of methods, each with optional options: a ``key=value`` item continues the previous
+    method's options (``side4video:handover=bfloat16,checkpoint=0,frozen``)."""
+    methods: list[str] = []
+    for item in filter(None, text.split(",")):
+        if methods and ":" not in item and "=" in item:
+            methods[-1] += f",{item}"
+        else:
+            methods.append(item)
+    return methods
+
+
+def with_lean_switches(methods: list[str]) -> list[str]:
+    """The methods, then each Side4Video method once more per lean switch it does not already set."""
+    out = list(methods)
+    for method in methods:
+        name, _, spec = method.partition(":")
+        if name != "side4video":
+            continue
+        set_already = {item.partition("=")[0] for item in spec.split(",") if item}
+        for switch in LEAN_SWITCHES:
+            if switch.partition("=")[0] not in set_already:
+                flipped = f"{method},{switch}" if spec else f"{method}:{switch}"
+                out += [flipped] if flipped not in out else []
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
-    parser.add_argument("--methods", type=_csv(str), default=["all"], help=f"comma list of {METHODS}, or all")
-    parser.add_argument("--lean", action="store_true", help="add Side4Video with each lean switch off")
+    parser.add_argument(
+        "--methods", type=_methods, default=["all"], help=f"comma list of {METHODS} (with options), or all"
+    )
+    parser.add_argument(
+        "--lean", action="store_true", help="add each Side4Video method once more per lean switch flipped"
+    )
     parser.add_argument("--backbones", type=_csv(str), default=["vit-b16"])
     parser.add_argument("--frames", type=_csv(int), default=[8])
     parser.add_argument("--batch", type=_csv(int), default=[4])
@@ -76,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def configurations(args: argparse.Namespace) -> list[BenchConfig]:
     methods = list(METHODS) if args.methods == ["all"] else list(args.methods)
     if args.lean:
-        methods += [m for m in LEAN_SWITCHES if m not in methods]
+        methods = with_lean_switches(methods)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     grid = product(args.backbones, args.frames, args.dtype, args.batch, methods)
     return [

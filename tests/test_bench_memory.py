@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from launch.bench_memory import LEAN_SWITCHES, parse_args, with_lean_switches
 from models import BackboneConfig, build_backbone
 from models.baselines import METHODS, AIMNet, LinearProbe, STAdapterNet
 from models.side4video import TapFusion
@@ -68,12 +69,14 @@ def test_zero_initialised_adapters_leave_the_frozen_model_unchanged(name):
 
 
 def test_side_lean_switches_keep_the_outputs():
-    """Checkpointing, eager attention and collecting the taps change memory, not what is computed."""
+    """Checkpointing, eager attention, collecting the taps, the chunked MLP and recomputed norms change
+    memory, not what is computed."""
     frames = clips()
     reference = build_method(BenchConfig(method="side4video:checkpoint=0", backbone="tiny", num_classes=5))
     expected = reference(frames)
     F.cross_entropy(expected, torch.tensor([0, 3])).backward()
-    for spec in ("side4video", "side4video:attention=eager", "side4video:stream=0,checkpoint=0"):
+    specs = ("side4video", "side4video:attention=eager", "side4video:stream=0,checkpoint=0")
+    for spec in (*specs, "side4video:mlp_chunk=0,recompute_norms=0", "side4video:mlp_chunk=3"):
         model = build_method(BenchConfig(method=spec, backbone="tiny", num_classes=5))
         model.load_state_dict(reference.state_dict())
         out = model(frames)
@@ -179,3 +182,15 @@ def test_benchmark_smoke(tmp_path):
     assert "peak / aim" in table and "step / frozen" in table
     assert (out / "memory.png").read_bytes()[:4] == b"\x89PNG"
     assert "[6/6]" in done.stderr  # progress
+
+
+def test_method_lists_keep_each_methods_options_and_lean_flips_each_switch_once():
+    args = parse_args(["--methods", "frozen:handover=bfloat16,side4video:handover=bfloat16,checkpoint=0,aim"])
+    assert args.methods == ["frozen:handover=bfloat16", "side4video:handover=bfloat16,checkpoint=0", "aim"]
+    flipped = with_lean_switches(["frozen", "side4video:handover=bfloat16"])
+    base = "side4video:handover=bfloat16"
+    expected = [f"{base},{s}" for s in LEAN_SWITCHES if not s.startswith("handover=")]
+    assert flipped == ["frozen", base, *expected]
+    assert with_lean_switches(["side4video"]) == ["side4video", *(f"side4video:{s}" for s in LEAN_SWITCHES)]
+    for method in flipped:  # every flipped spec is a valid configuration
+        BenchConfig(method=method)

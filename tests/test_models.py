@@ -220,3 +220,72 @@ def test_checkpointed_side_blocks_give_the_same_step_with_fewer_saved_activation
     for (name, a), b in zip(plain.named_buffers(), checkpointed.buffers(), strict=True):
         assert torch.equal(a, b), name  # batch-norm running statistics updated once, not again in recompute
     assert peaks["checkpointed"] < 0.7 * peaks["plain"], peaks
+
+
+def _step_with_saved_bytes(backbone, side, frames) -> tuple[torch.Tensor, int]:
+    """One training step; the bytes of the distinct storages its forward keeps for backward (parameters
+    excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in side.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = run(backbone, side, frames)
+    out.logsumexp(-1).sum().backward()
+    return out, sum(saved.values())
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_recomputed_norms_and_chunked_mlp_give_the_same_step_keeping_less(checkpoint):
+    backbone, _ = build(layers=3)
+    frames = clips(batch=2)
+    runs = {}
+    for name, lean in (("plain", dict(mlp_chunk=0, recompute_norms=False)), ("lean", dict(mlp_chunk=50))):
+        torch.manual_seed(1)
+        cfg = SideConfig(width=32, num_classes=5, checkpoint=checkpoint, **lean)
+        side = build_side_network(cfg, backbone)
+        with torch.no_grad():  # norms away from their identity initialisation, so their gradients matter
+            for module in side.modules():
+                if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm1d)):
+                    module.weight.normal_()
+                    module.bias.normal_()
+        runs[name] = side, *_step_with_saved_bytes(backbone, side, frames)
+    (plain, plain_out, plain_saved), (lean, lean_out, lean_saved) = runs["plain"], runs["lean"]
+    torch.testing.assert_close(lean_out, plain_out)
+    for (name, a), b in zip(plain.named_parameters(), lean.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), lean.buffers(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)  # running statistics updated once per step
+    if not checkpoint:
+        # per block at least: three norm outputs (the attention's over 1 + N tokens) and the GELU output
+        batch_frames, patches, width = frames.shape[0] * FRAMES, backbone.grid**2, 32
+        per_block = batch_frames * width * (2 * patches + (1 + patches) + 4 * patches) * 4
+        assert plain_saved - lean_saved >= len(plain.blocks) * per_block
+
+
+def test_recomputation_skips_the_last_mlp_gemm_and_the_last_block():
+    """Checkpointing adds one forward of every side block but the last, less its MLP's second GEMM (the
+    recomputation needs only what backward keeps)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backbone, _ = build(layers=3)
+    frames = clips(batch=2)
+    taps = list(backbone(frames.flatten(0, 1)))
+    flops = {}
+    for checkpoint in (False, True):
+        torch.manual_seed(1)
+        side = build_side_network(SideConfig(width=32, num_classes=5, checkpoint=checkpoint), backbone)
+        with FlopCounterMode(display=False) as counter:
+            side(frames, taps).logsumexp(-1).sum().backward()
+        flops[checkpoint] = counter.get_total_flops()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            side.blocks[0](torch.zeros(2, FRAMES, backbone.grid**2, 32), taps[0])
+        block_forward = counter.get_total_flops()
+    tokens, hidden = 2 * FRAMES * backbone.grid**2, 4 * 32
+    second_gemm = 2 * tokens * hidden * 32
+    assert flops[True] - flops[False] == (len(taps) - 1) * (block_forward - second_gemm)
