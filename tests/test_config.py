@@ -36,6 +36,7 @@ def test_repo_configs_load():
         (["side.width=48", "side.heads=5"], "side.heads"),  # invalid value (post-init)
         (["backbone.name=vit-x"], "backbone.name"),
         (["side.logit_scale=150"], "side.logit_scale"),  # above the clamp
+        (["side.mlp_chunk=-1"], "side.mlp_chunk"),
         (["nonsense=1"], "nonsense"),
     ],
 )
