@@ -79,7 +79,8 @@ def with_lean_switches(methods: list[str]) -> list[str]:
         for switch in LEAN_SWITCHES:
             if switch.partition("=")[0] not in set_already:
                 flipped = f"{method},{switch}" if spec else f"{method}:{switch}"
-                out += [flipped] if flipped not in out else []
+                if flipped not in out:
+                    out.append(flipped)
     return out
 
 

@@ -109,12 +109,13 @@ class TokenBatchNorm(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if _recomputing and self.training:
-            # Momentum 0 leaves the running statistics as they are, with the same saved tensors as the
-            # first forward (checkpointing compares them).
-            stats = self.running_mean, self.running_var
-            return F.batch_norm(flat, *stats, self.weight, self.bias, True, 0.0, self.eps).view_as(x)
-        return super().forward(flat).view_as(x)
+        if not self.training:
+            return super().forward(flat).view_as(x)
+        # In a recomputation momentum 0 leaves the running statistics as they are, with the same saved
+        # tensors as the first forward (checkpointing compares them).
+        stats = self.running_mean, self.running_var
+        momentum = self.momentum_now()
+        return F.batch_norm(flat, *stats, self.weight, self.bias, True, momentum, self.eps).view_as(x)
 
 
 def shift_class_token(cls: torch.Tensor) -> torch.Tensor:
