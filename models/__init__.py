@@ -1,6 +1,6 @@
 """Models: frozen backbones with taps, and the side networks that learn beside them (no distributed code)."""
 
-from models.backbone import SIZES, BackboneConfig, FrozenViT, build_backbone, select_taps
+from models.backbone import SIZES, BackboneConfig, FrozenViT, build_backbone, meta_backbone, select_taps
 from models.retrieval import Side4VideoRetrieval, contrastive_loss
 from models.side4video import Side4Video, SideConfig, count_params, no_weight_decay
 from models.text import TEXT_SIZES, FrozenCLIPText, TextConfig, build_text_encoder
@@ -51,6 +51,7 @@ __all__ = [
     "build_text_encoder",
     "contrastive_loss",
     "count_params",
+    "meta_backbone",
     "no_weight_decay",
     "select_taps",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +73,9 @@ class BackboneConfig:
     """Dtype of the frozen weights and of the activations handed over."""
     attn_implementation: str = "sdpa"
     """Attention kernel of transformers CLIP blocks: sdpa or eager."""
+    forward_chunk: int = 0
+    """Images per call of each block in the no-grad forward (0: the whole batch at once). A block's input
+    and output stay whole; its transient (attention, the MLP's hidden tensors) exists for this many images."""
 
     def __post_init__(self):
         if self.name not in SIZES:
@@ -81,6 +84,10 @@ class BackboneConfig:
             raise ValueError(f"backbone.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.tap_every < 0:
             raise ValueError(f"backbone.tap_every must be >= 0, got {self.tap_every}")
+        if self.forward_chunk < 0:
+            raise ValueError(
+                f"backbone.forward_chunk must be >= 0 (0: the whole batch), got {self.forward_chunk}"
+            )
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(
                 f"backbone.attn_implementation: {self.attn_implementation!r} is not sdpa or eager"
@@ -129,6 +136,7 @@ class FrozenViT(nn.Module):
         self.width, self.patch_size, self.image_size = width, patch_size, image_size
         self.taps = list(taps)
         self.dtype = torch.get_default_dtype()  # built under default_dtype: the weights' dtype
+        self.forward_chunk = 0  # images per block call in the no-grad forward (BackboneConfig.forward_chunk)
 
     def freeze(self) -> FrozenViT:
         self.requires_grad_(False)
@@ -158,6 +166,17 @@ class FrozenViT(nn.Module):
     def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return block(hidden)
 
+    def chunked_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``run_block`` over ``forward_chunk`` images at a time (no grad): the output is written into one
+        (B, 1 + N, width) tensor, so only one chunk's transient exists at once."""
+        chunk = self.forward_chunk
+        if chunk <= 0 or hidden.shape[0] <= chunk:
+            return self.run_block(block, hidden)
+        out = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk):
+            out[start : start + chunk] = self.run_block(block, hidden[start : start + chunk])
+        return out
+
     def attention_branch(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """What a block's attention part adds to the residual stream: ``block(x) = x' + mlp_branch(x')``
         with ``x' = x + attention_branch(x)``. Adapters (baselines) reuse the frozen parts through these."""
@@ -181,7 +200,7 @@ class FrozenViT(nn.Module):
         hidden = self.embed(images)  # (B, 1 + N, width)
         tapped = set(self.taps)
         for index, block in enumerate(self.blocks[: self.taps[-1] + 1]):
-            hidden = self.run_block(block, hidden)
+            hidden = self.chunked_block(block, hidden)
             if index in tapped:
                 yield hidden
 
@@ -270,6 +289,7 @@ def build_backbone(
     gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
     writer: bool = True,
     projection: bool = False,
+    load: bool = True,
 ) -> FrozenViT:
     """Build the frozen backbone; load ``cfg.pretrained`` one piece (embeddings, a block, ...) at a time.
 
@@ -278,6 +298,7 @@ def build_backbone(
         gather: context that makes a piece's parameters whole while they are written (sharded weights).
         writer: whether this process writes the weights (with sharding, one rank reads, the gather spreads).
         projection: also build (and load) a CLIP tower's projection into the joint space (retrieval).
+        load: read the weights of ``cfg.pretrained`` (False: only its shape, from a CLIP directory's config).
     """
     shape = cfg.shape
     if cfg.pretrained is not None and not Path(cfg.pretrained).exists():
@@ -301,12 +322,22 @@ def build_backbone(
             )
             taps = select_taps(depth, cfg.tap_every or shape.tap_every, cfg.tap_layers)
             model = FrozenEVAVision(tower, taps)
-    if cfg.pretrained is not None:
+    model.forward_chunk = cfg.forward_chunk
+    if cfg.pretrained is not None and load:
         reader = CheckpointReader(cfg.pretrained)
         prefixes = ("vision_model.", "") if shape.family == "clip" else ("visual.", "")
         rename = _clip_rename if shape.family == "clip" else (lambda name: EVA_RENAMES.get(name, name))
         load_weights(model, reader, prefixes, gather=gather, writer=writer, rename=rename)
     return model
+
+
+def meta_backbone(cfg: BackboneConfig) -> FrozenViT:
+    """The backbone on the meta device (nothing allocated, no weights read), for sizes and memory plans. Its
+    shape is what ``build_backbone`` would build: a transformers CLIP directory at ``cfg.pretrained`` gives
+    it when the directory exists; otherwise the named shape (so a plan can be made before the download)."""
+    directory = cfg.pretrained is not None and Path(cfg.pretrained).is_dir()
+    with torch.device("meta"):
+        return build_backbone(replace(cfg, pretrained=cfg.pretrained if directory else None), load=False)
 
 
 @contextmanager

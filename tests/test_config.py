@@ -37,6 +37,7 @@ def test_repo_configs_load():
         (["backbone.name=vit-x"], "backbone.name"),
         (["side.logit_scale=150"], "side.logit_scale"),  # above the clamp
         (["side.mlp_chunk=-1"], "side.mlp_chunk"),
+        (["backbone.forward_chunk=-1"], "backbone.forward_chunk"),
         (["nonsense=1"], "nonsense"),
     ],
 )

@@ -31,6 +31,10 @@ def test_plan_for_full_vit_e_needs_no_memory():
     assert plan.frozen_gathered > 0 and plan.saved_activations > 0 and plan.accelerator_bytes > 0
     # At most stage3_max_live_parameters (1e8) are gathered at once, plus the all-gather input (1/8 of it).
     assert plan.frozen_gathered <= 1e8 * 4 * (1 + 1 / 8)
+    # One image per frozen block call: the block's transient for half the images.
+    chunked = plan_memory(load_config(None, [*overrides, "backbone.forward_chunk=1"]), 8, accelerator=True)
+    assert chunked.frozen_transient < 0.75 * plan.frozen_transient
+    assert chunked.accelerator_bytes <= plan.accelerator_bytes
 
     nvme = [*overrides[:-1], "train.frozen_deepspeed_config=deepspeed_configs/frozen_zero3_offload_nvme.json"]
     on_nvme = plan_memory(load_config(None, nvme), world_size=8, accelerator=True)

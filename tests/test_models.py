@@ -6,7 +6,15 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-from models import BackboneConfig, SideConfig, build_backbone, build_side_network, count_params, select_taps
+from models import (
+    BackboneConfig,
+    SideConfig,
+    build_backbone,
+    build_side_network,
+    count_params,
+    meta_backbone,
+    select_taps,
+)
 from models.side4video import shift_class_token
 
 FRAMES = 4
@@ -160,6 +168,26 @@ def test_published_initialisation():
     assert torch.equal(block.attn_norm.weight, torch.ones(width))
 
 
+@pytest.mark.parametrize("name", ["tiny", "eva-tiny"])
+def test_chunked_frozen_forward_gives_the_same_taps_with_a_smaller_transient(name):
+    from trainer.memory import PeakMemory
+
+    frames = clips().flatten(0, 1)  # 8 images: chunks of 3, 3 and 2
+    torch.manual_seed(0)
+    whole = build_backbone(BackboneConfig(name=name, tap_every=1))
+    chunked = build_backbone(BackboneConfig(name=name, tap_every=1, forward_chunk=3))
+    chunked.load_state_dict(whole.state_dict())
+    for a, b in zip(whole(frames), chunked(frames), strict=True):
+        torch.testing.assert_close(b, a)
+    hidden = whole.embed(frames)
+    peaks = []
+    for model in (whole, chunked):
+        with torch.no_grad(), PeakMemory() as tracker:
+            model.chunked_block(model.blocks[0], hidden)
+        peaks.append(tracker.peak)
+    assert peaks[1] < peaks[0]
+
+
 def test_sdpa_and_eager_backbones_agree():
     frames = clips().flatten(0, 1)
     torch.manual_seed(0)
@@ -190,6 +218,20 @@ def test_loads_local_pretrained_directory(tmp_path, layout):
     ):
         assert torch.equal(ours, theirs)
     assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_meta_backbone_and_memory_plan_take_the_shape_of_a_pretrained_directory(tmp_path):
+    from trainer.config import load_config
+    from trainer.memory import plan_memory
+
+    CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).save_pretrained(tmp_path)  # the "tiny" shape
+    meta = meta_backbone(BackboneConfig(name="demo", pretrained=str(tmp_path)))  # the directory wins
+    assert (meta.width, meta.num_layers) == (32, 2)
+    assert all(p.is_meta for p in meta.parameters())
+    absent = meta_backbone(BackboneConfig(name="vit-b16", pretrained=str(tmp_path / "absent")))
+    assert (absent.width, absent.num_layers) == (768, 12)  # planned before the download
+    plan = lambda *overrides: plan_memory(load_config(None, list(overrides)), 1, accelerator=False)
+    assert plan(f"backbone.pretrained={tmp_path}") == plan("backbone.name=tiny") != plan()
 
 
 def test_pretrained_directory_missing_weights_is_an_error(tmp_path):

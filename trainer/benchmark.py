@@ -53,8 +53,10 @@ METHOD_OPTIONS: dict[str, dict[str, str]] = {
         "width": "0",  # side width d (0: the published one)
         "mlp_chunk": str(SideConfig.mlp_chunk),  # tokens per chunk of the side MLP (0: plain autograd)
         "recompute_norms": "1",  # norm outputs recomputed in backward, not kept beside the norm's input
+        "frozen_chunk": "0",  # images per frozen block call (0: the whole batch)
     },
-    "frozen": {"handover": ""},  # the inference-only reference in Side4Video's handover dtype
+    # the inference-only reference, in Side4Video's handover dtype and frozen chunking
+    "frozen": {"handover": "", "frozen_chunk": "0"},
     "evl": {"levels": "4"},  # decoder layers = last blocks tapped
     "st_adapter": {"ratio": "0.5"},
     "aim": {"ratio": "0.25"},
@@ -185,6 +187,8 @@ def build_method(cfg: BenchConfig) -> nn.Module:
         backbone_cfg.tap_layers, backbone_cfg.tap_every = [], int(opts["tap_every"])
     if "handover" in opts:
         backbone_cfg.dtype = opts["handover"] or cfg.dtype
+    if "frozen_chunk" in opts:
+        backbone_cfg.forward_chunk = int(opts["frozen_chunk"])
     backbone = build_backbone(backbone_cfg)
     classes = cfg.num_classes
     if name == "side4video":

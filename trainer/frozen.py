@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import deepspeed
 import torch
 from torch import nn
 
-from models import FrozenCLIPText, FrozenViT, build_backbone, build_text_encoder
+from models import FrozenCLIPText, FrozenViT, build_backbone, build_text_encoder, meta_backbone
 from trainer.config import ConfigError, RunConfig
 from trainer.distributed import DistInfo
 
@@ -63,9 +62,7 @@ def resolve_frozen_config(
 
 def largest_parameter(cfg: RunConfig) -> int:
     """Elements of the backbone's largest tensor, from a meta-device build (nothing allocated)."""
-    with torch.device("meta"):
-        model = build_backbone(replace(cfg.backbone, pretrained=None))
-    return max(p.numel() for p in model.parameters())
+    return max(p.numel() for p in meta_backbone(cfg.backbone).parameters())
 
 
 def place_frozen(build: Builder, dist: DistInfo, ds: dict | None) -> tuple[nn.Module, Callable]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import weakref
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from data.video import normalize
-from models import build_backbone, build_side_network
+from models import build_side_network, meta_backbone
 from models.backbone import DTYPES
 from trainer.config import RunConfig, resolve_deepspeed_config
 
@@ -203,7 +203,7 @@ def simulate_step(cfg: RunConfig, backbone, side, dtype: torch.dtype = torch.flo
         batch * frames, 1 + backbone.grid**2, backbone.width, device=device, dtype=backbone.dtype
     )
     with torch.no_grad(), fused_attention_on_meta(), transient:
-        backbone.run_block(backbone.blocks[0], hidden)
+        backbone.chunked_block(backbone.blocks[0], hidden)
 
     tracker = PeakMemory()
     saved: dict[int, int] = {}
@@ -229,8 +229,8 @@ def simulate_step(cfg: RunConfig, backbone, side, dtype: torch.dtype = torch.flo
 def plan_memory(cfg: RunConfig, world_size: int = 1, accelerator: bool = True) -> MemoryPlan:
     """Predict one rank's peak memory for ``cfg`` on ``world_size`` ranks (``accelerator``: GPUs, else CPU
     ranks, where everything is host memory)."""
+    backbone = meta_backbone(cfg.backbone)
     with torch.device("meta"):
-        backbone = build_backbone(replace(cfg.backbone, pretrained=None))
         side = build_side_network(cfg.side, backbone)
     frozen = frozen_memory(cfg, backbone, world_size, accelerator)
 
