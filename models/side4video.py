@@ -129,6 +129,10 @@ def shift_class_token(cls: torch.Tensor) -> torch.Tensor:
     return torch.cat([from_next, from_prev], dim=-1)
 
 
+def _autocast_enabled(device: str) -> bool:
+    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)  # (not on "meta")
+
+
 class _NormProject(torch.autograd.Function):
     """``linear(layer_norm(tap))`` for a tap without autograd history, keeping only the tap itself (in the
     dtype it was handed over in) and its per-token statistics for backward: the float32 copy and the
@@ -138,8 +142,7 @@ class _NormProject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tap, norm_weight, norm_bias, weight, bias, eps: float):
         device = tap.device.type
-        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)  # (not on "meta")
-        ctx.compute = torch.get_autocast_dtype(device) if autocast else weight.dtype
+        ctx.compute = torch.get_autocast_dtype(device) if _autocast_enabled(device) else weight.dtype
         normed, mean, rstd = torch.native_layer_norm(
             tap.to(weight.dtype), tap.shape[-1:], norm_weight, norm_bias, eps
         )
@@ -298,9 +301,7 @@ class _NormMlp(torch.autograd.Function):
 def _lean(x: torch.Tensor, norm: nn.Module) -> bool:
     """Whether the recomputing autograd functions apply: a training forward that builds a graph, without
     autocast (they compute in the weights' dtype)."""
-    device = x.device.type
-    autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
-    return torch.is_grad_enabled() and norm.training and not autocast
+    return torch.is_grad_enabled() and norm.training and not _autocast_enabled(x.device.type)
 
 
 def norm_linear(norm: nn.Module, linear: nn.Linear, x: torch.Tensor, recompute: bool) -> torch.Tensor:
@@ -370,11 +371,10 @@ class Mlp(nn.Module):
         the MLP comes last); the result is then zeros."""
         if not (self.chunk and _lean(x, self.norm)):
             return self.fc2(F.gelu(norm_linear(self.norm, self.fc1, x, self.recompute_norm)))
-        norm = self.norm if self.recompute_norm else None
-        if norm is None:
-            x = self.norm(x)
-        fc1, fc2 = self.fc1, self.fc2
-        params = self.norm.weight, self.norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias
+        norm, fc1, fc2 = self.norm, self.fc1, self.fc2
+        params = norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias
+        if not self.recompute_norm:  # the norm's output goes in, kept by the norm's own autograd
+            x, norm = norm(x), None
         return _NormMlp.apply(x, *params, norm, self.chunk, output)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
@@ -110,20 +112,29 @@ def test_side_block_runs_as_soon_as_its_tap_exists(tap_every):
     assert order == expected
 
 
-def saved_bytes(layers: int, tap_every: int) -> int:
-    """Bytes of all tensors autograd keeps for backward during one training forward."""
-    backbone, side = build(layers=layers, tap_every=tap_every)
-    frames = clips()
-    storages = {}
+@contextmanager
+def kept_for_backward(exclude=()):
+    """While active: the distinct storages autograd keeps for backward, data pointer -> bytes (the storages of
+    ``exclude`` left out)."""
+    skip = {tensor.untyped_storage().data_ptr() for tensor in exclude}
+    kept: dict[int, int] = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run(backbone, side, frames).sum()
-    return sum(storages.values())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield kept
+
+
+def saved_bytes(layers: int, tap_every: int) -> int:
+    """Bytes of all tensors autograd keeps for backward during one training forward."""
+    backbone, side = build(layers=layers, tap_every=tap_every)
+    with kept_for_backward() as kept:
+        run(backbone, side, clips()).sum()
+    return sum(kept.values())
 
 
 def test_frozen_depth_adds_no_saved_activation_memory():
@@ -267,19 +278,10 @@ def test_checkpointed_side_blocks_give_the_same_step_with_fewer_saved_activation
 def _step_with_saved_bytes(backbone, side, frames) -> tuple[torch.Tensor, int]:
     """One training step; the bytes of the distinct storages its forward keeps for backward (parameters
     excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in side.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with kept_for_backward(side.parameters()) as kept:
         out = run(backbone, side, frames)
     out.logsumexp(-1).sum().backward()
-    return out, sum(saved.values())
+    return out, sum(kept.values())
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])

@@ -52,11 +52,12 @@ METHOD_OPTIONS: dict[str, dict[str, str]] = {
         "stream": "1",  # consume each tap as it appears (0: collect all taps first)
         "width": "0",  # side width d (0: the published one)
         "mlp_chunk": str(SideConfig.mlp_chunk),  # tokens per chunk of the side MLP (0: plain autograd)
-        "recompute_norms": "1",  # norm outputs recomputed in backward, not kept beside the norm's input
-        "frozen_chunk": "0",  # images per frozen block call (0: the whole batch)
+        # norm outputs recomputed in backward, not kept beside the norm's input
+        "recompute_norms": str(int(SideConfig.recompute_norms)),
+        "frozen_chunk": str(BackboneConfig.forward_chunk),  # images per frozen block call (0: whole batch)
     },
     # the inference-only reference, in Side4Video's handover dtype and frozen chunking
-    "frozen": {"handover": "", "frozen_chunk": "0"},
+    "frozen": {"handover": "", "frozen_chunk": str(BackboneConfig.forward_chunk)},
     "evl": {"levels": "4"},  # decoder layers = last blocks tapped
     "st_adapter": {"ratio": "0.5"},
     "aim": {"ratio": "0.25"},
