@@ -192,6 +192,38 @@ def open_shard(url: str, allow_pipe: bool = False):
     return fsspec.open(url, "rb").open()
 
 
+def check_shard_spec(key: str, spec: str | None, allow_pipe: bool = False) -> str:
+    """Preflight of the shard spec of config ``key``: expand it, open its first shard and read the first tar
+    header, so that a wrong pattern, a missing file, a folder, a file that is no tar or a refused ``pipe:``
+    URL stops the run before its first step (a loader meets an evaluation spec only after training).
+    Returns the first shard's URL.
+
+    Raises:
+        DataError: one line that starts with ``key``.
+    """
+    import tarfile  # (here, not at the top: this function is the module's only user)
+
+    if not spec:
+        raise DataError(f"{key}: no shards are set")
+    try:
+        url = expand_shards(spec, allow_pipe)[0]
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        raise DataError(f"{key}: {exc}") from None
+    if "://" not in url and not url.startswith("pipe:") and Path(url).is_dir():
+        raise DataError(f"{key}: {url} is a directory, not a shard (a .tar file or a pattern of them)")
+    try:
+        stream = open_shard(url, allow_pipe)
+    except Exception as exc:  # fsspec's errors differ by protocol; any of them means the shard is unreadable
+        raise DataError(f"{key}: {url} cannot be opened: {type(exc).__name__}: {exc}") from None
+    try:
+        # Streaming mode, as the loader reads shards (webdataset): compressed tars are accepted too.
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            tar.next()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{key}: {url} is not a tar shard ({type(exc).__name__}: {exc})") from None
+    return url
+
+
 class SkipSample(Exception):
     """A sample that cannot be used; ``kind`` names why (a metrics key)."""
 
@@ -429,9 +461,10 @@ class VideoShards(IterableDataset):
             if not self.train:
                 break
             if used == 0 and skip == 0:
-                raise RuntimeError(
-                    f"slot {slot}: a whole epoch of {self.urls[:3]}... gave no usable sample "
-                    f"(skipped: {dict(skips)})"
+                more = f" and {len(self.urls) - 3} more" if len(self.urls) > 3 else ""
+                shown = ", ".join(self.urls[:3]) + more
+                raise DataError(
+                    f"slot {slot}: a whole epoch of {shown} gave no usable sample (skipped: {dict(skips)})"
                 )
             epoch, skip = epoch + 1, 0
         if clips or skips:  # evaluation: the last batch carries the final skip counts, even without clips

@@ -27,6 +27,7 @@ import torch
 from data.shards import DataConfig, DataError, Unlabelled, build_loader, expand_shards
 from models.backbone import BackboneConfig, build_backbone
 from models.tokenizers import fit_kmeans, nearest_centroid, save_codebook
+from trainer.safe_load import UnsafeFileError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone.taps = [layer]  # run the blocks up to the chosen one, and no further
         features, clips = collect_features(args, backbone, device)  # (N, D)
         centroids = fit_kmeans(features, args.codes, args.iters, args.seed)  # (K, D)
-    except (ValueError, FileNotFoundError, DataError) as exc:
+    except (ValueError, FileNotFoundError, DataError, UnsafeFileError) as exc:  # --pretrained refused
         print(f"error: {exc}", file=sys.stderr)
         return 2
     codes, similarity = nearest_centroid(features, centroids)

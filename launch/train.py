@@ -5,8 +5,9 @@
 
 Without a config file the embedded defaults run: the CPU demo on the synthetic motion shards.
 
-Exit codes: 0 done, 2 configuration or input error, 3 stopped by SIGTERM/SIGUSR1 after saving a checkpoint
-(requeue the job: it resumes from that checkpoint).
+Exit codes: 0 done, 2 configuration, input or checkpoint error (or a diverged run), 3 stopped by
+SIGTERM/SIGUSR1 after saving a checkpoint (requeue the job: it resumes from that checkpoint), 130 Ctrl-C,
+1 anything unexpected (its traceback in run_dir/crash-rankN.log). Every error is one line on stderr.
 """
 
 from __future__ import annotations
@@ -33,34 +34,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
-    from data.shards import DataError
     from trainer.bevt import BEVTTrainer
     from trainer.distributed import destroy, init_distributed
+    from trainer.failures import report
     from trainer.preemption import PREEMPTED_EXIT_CODE
     from trainer.trainer import Trainer
 
-    dist = init_distributed()
-    trainer = None
+    trainer = rank = None
     try:
+        dist = init_distributed()
+        rank = dist.rank
         trainer = (BEVTTrainer if cfg.task == "bevt" else Trainer)(cfg, dist)
-        if "preempted" in trainer.train():
-            return PREEMPTED_EXIT_CODE
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except DataError as exc:  # from a loader worker, torch prefixes the worker's traceback: keep the message
-        message = str(exc).strip().splitlines()[-1]
-        print(f"data error: {message.split('DataError: ', 1)[-1]}", file=sys.stderr)
-        return 2
+        code = PREEMPTED_EXIT_CODE if "preempted" in trainer.train() else 0
+    except BaseException as exc:  # errors, Ctrl-C, a loader worker's death: one line and an exit code
+        return report(exc, cfg.run_dir, rank or 0)
     finally:
         if trainer is not None:
             trainer.close()
-        destroy()
-    return 0
+    destroy()
+    return code
 
 
 if __name__ == "__main__":
     code = main()
-    from trainer.distributed import exit_without_teardown  # (imports DeepSpeed: not before config errors)
+    from trainer.failures import finish
 
-    exit_without_teardown(code)
+    finish(code)

@@ -28,6 +28,7 @@ from torch import nn
 from data.video import normalize
 from models.backbone import BackboneConfig, FrozenViT, build_backbone, default_dtype
 from models.weights import CheckpointReader, load_weights
+from trainer.safe_load import CorruptFileError, safe_torch_load
 
 KINDS = ("kmeans", "dvae")
 CODEBOOK_KEYS = ("centroids", "backbone", "layer")
@@ -291,12 +292,10 @@ def read_codebook(path: str | Path) -> dict:
         raise FileNotFoundError(
             f"bevt.tokenizer.path: {path} does not exist; fit one with python -m launch.fit_tokenizer"
         )
-    try:
-        stored = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as exc:  # not a torch file at all
-        raise ValueError(
-            f"bevt.tokenizer.path: {path} is not a codebook file ({type(exc).__name__})"
-        ) from exc
+    try:  # weights_only: a file whose pickle holds more than tensors raises UnsafeFileError (never run)
+        stored = safe_torch_load(path, "bevt.tokenizer.path", mmap=True)
+    except CorruptFileError as exc:  # not a torch file at all
+        raise ValueError(f"bevt.tokenizer.path: {path} is not a codebook file ({exc.why})") from None
     if not isinstance(stored, dict) or any(key not in stored for key in CODEBOOK_KEYS):
         found = sorted(stored)[:8] if isinstance(stored, dict) else type(stored).__name__
         raise ValueError(
@@ -363,7 +362,8 @@ def build_tokenizer(
         ):  # DALL-E's float32 logits, whatever the caller's default
             encoder = DVAEEncoder(cfg.dvae_hidden, cfg.vocab_size)
         if load:
-            load_weights(encoder, CheckpointReader(cfg.path), ("",), gather=gather, writer=writer)
+            reader = CheckpointReader(cfg.path, "bevt.tokenizer.path")
+            load_weights(encoder, reader, ("",), gather=gather, writer=writer)
         return DVAETokenizer(encoder, cfg.vocab_size, cfg.input_size, cfg.eps)
 
     stored = read_codebook(cfg.path)
@@ -373,7 +373,8 @@ def build_tokenizer(
         backbone_cfg = dataclasses.replace(backbone_cfg, pretrained=None)
     backbone = build_backbone(backbone_cfg, construct, gather, writer)
     if load and "state_dict" in stored:  # the random weights the codebook was fitted with, by module name
-        load_weights(backbone, CheckpointReader(cfg.path), ("",), gather=gather, writer=writer)
+        reader = CheckpointReader(cfg.path, "bevt.tokenizer.path")
+        load_weights(backbone, reader, ("",), gather=gather, writer=writer)
     if stored["centroids"].shape[1] != backbone.width:
         raise ValueError(
             f"bevt.tokenizer.path: {cfg.path}: {stored['centroids'].shape[1]}-d centroids for a "

@@ -1,7 +1,8 @@
 """Reading checkpoints lazily and loading them into a module one piece at a time.
 
 Peak host memory stays near one piece (the embeddings, one block, ...) rather than the whole model:
-safetensors files are read tensor by tensor, and torch pickles (.pt/.bin) are memory-mapped.
+safetensors files are read tensor by tensor, and torch pickles (.pt/.bin) are memory-mapped, read with
+``weights_only=True`` (``trainer.safe_load``): a file whose pickle holds more than weights is refused.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from trainer.safe_load import safe_torch_load
+
 
 class CheckpointReader:
     """Tensors of a checkpoint by name, read on demand.
 
     Accepts a .safetensors file, a .pt/.pth/.bin torch file (optionally nested under "state_dict", "model" or
     "module"), or a transformers directory (model.safetensors, a sharded index, or pytorch_model.bin).
+    ``what`` (what the weights are for) starts the message of a refused or unreadable torch file.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, what: str = "frozen weights"):
         path = Path(path)
         self.path = path
         self._files: dict[str, Path] = {}
@@ -43,7 +47,7 @@ class CheckpointReader:
             with safe_open(path, framework="pt") as handle:
                 self._files = dict.fromkeys(handle.keys(), path)
         elif not self._files:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            state = safe_torch_load(path, what, mmap=True)  # raises UnsafeFileError / CorruptFileError
             for nested in ("state_dict", "model", "module"):
                 if isinstance(state, dict) and isinstance(state.get(nested), dict):
                     state = state[nested]

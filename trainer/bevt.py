@@ -132,8 +132,7 @@ class BEVTTrainer(Trainer):
             inputs["image"] = self.stream_inputs("image", image["frames"], key)
             self.image_batches_seen += 1
             loss, results = self.engine(inputs, weights)
-            self.engine.backward(loss)
-            self.engine.step()
+            self.backward_step(loss)
             total += loss.detach()
             for name, result in results.items():  # summed on the device: no sync per step
                 self.window[name] += torch.stack(

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,15 +108,6 @@ def use_prebuilt_ops() -> list[str]:
     return loaded
 
 
-def exit_without_teardown(code: int) -> None:
-    """Exit an entry point after its work is saved, skipping the interpreter's teardown: with 2 CPU ranks
-    under ZeRO-3, native threads destroyed there sometimes abort ("terminate called without an active
-    exception")."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def unlink_shm_buffer(rank: int) -> None:
     """Remove the name of this rank's DeepSpeed CPU all-reduce buffer once every rank has mapped it.
 
@@ -177,6 +167,13 @@ def all_gather_objects(obj) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` as rank ``src`` has it, on every rank (other ranks pass anything, e.g. None)."""
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -9,7 +9,6 @@ block runs and frees them after. Every rank must then run the same number of fro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from models import FrozenCLIPText, FrozenViT, build_backbone, build_text_encoder, meta_backbone
-from trainer.config import ConfigError, RunConfig
+from trainer.config import ConfigError, RunConfig, read_deepspeed_json
 from trainer.distributed import DistInfo
 
 FrozenForward = Callable[[torch.Tensor], Iterator[torch.Tensor]]
@@ -35,9 +34,7 @@ def resolve_frozen_config(
     ``dtype`` (default: the backbone's) decides "bf16": "auto"; ``largest`` counts the elements of the
     model's largest tensor, which sizes NVMe swap buffers (default: the backbone's)."""
     path = Path(cfg.train.frozen_deepspeed_config)
-    if not path.is_file():
-        raise ConfigError(f"train.frozen_deepspeed_config: {path} does not exist")
-    ds = json.loads(path.read_text())
+    ds = read_deepspeed_json(path, "train.frozen_deepspeed_config")
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") != 3:
         raise ConfigError(

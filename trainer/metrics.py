@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,15 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def strict_record(record: dict) -> dict:
+    """``record`` with NaN and infinities as null, named in ``"nonfinite"``: strict JSON readers refuse the
+    bare ``NaN``/``Infinity`` Python writes."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
+
+
 class MetricsLogger:
     def __init__(self, cfg: MetricsConfig, run_dir: Path, is_main: bool, total_steps: int, start_step: int):
         self.cfg, self.is_main = cfg, is_main
@@ -60,8 +70,8 @@ class MetricsLogger:
         """Write one record; ``values`` are already reduced across ranks."""
         if not self.is_main:
             return
-        record = {"step": step, **values}
-        self._file.write(json.dumps(record) + "\n")
+        record = strict_record({"step": step, **values})
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._writer is not None:
             for name, value in values.items():

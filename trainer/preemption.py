@@ -53,6 +53,7 @@ class PreemptionWatch:
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """For data-loader workers: SLURM signals every process of a task; only the trainer acts on it."""
-    for sig in STOP_SIGNALS:
+    """For data-loader workers: SLURM signals every process of a task, and Ctrl-C the whole process group;
+    only the trainer acts on them, and kills its workers when it exits (``trainer.failures.finish``)."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)

@@ -20,16 +20,25 @@ import torch.nn.functional as F
 
 from data.augment import DeviceAugment
 from data.captions import CaptionTarget, load_tokenizer, tokenize
-from data.shards import SKIP_KINDS, build_loader
+from data.shards import SKIP_KINDS, build_loader, check_shard_spec
 from data.video import normalize
 from models import build_retrieval_network, build_side_network, contrastive_loss, count_params
 from models.swin3d import SwinRecognizer, build_swin, check_fit, load_encoder_weights
 from trainer.checkpoint import Checkpointer, read_module_state
-from trainer.config import ConfigError, RunConfig, dump_config, resolve_deepspeed_config
+from trainer.config import (
+    ConfigError,
+    RunConfig,
+    check_deepspeed_files,
+    dump_config,
+    resolve_deepspeed_config,
+    resume_changes,
+    shard_specs,
+)
 from trainer.distributed import DistInfo, all_reduce_sum, gather_batch
+from trainer.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors, poisoned
 from trainer.evaluate import FRAME_ORDERS, evaluate
 from trainer.frozen import build_frozen, build_frozen_text, gathered
-from trainer.metrics import MetricsLogger, peak_memory_bytes
+from trainer.metrics import MetricsLogger, peak_memory_bytes, strict_record
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.preemption import PreemptionWatch, ignore_stop_signals
 from trainer.retrieval import RETRIEVAL_HEADLINE, evaluate_retrieval
@@ -38,7 +47,8 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist: DistInfo):
+    def __init__(self, cfg: RunConfig, dist: DistInfo, check_data: bool = True):
+        """``check_data=False`` skips the shards' preflight, for a trainer that is never fed from them."""
         self.cfg, self.dist = cfg, dist
         # From here on a stop signal is recorded and acted on at the next step boundary (see train).
         self.preemption = PreemptionWatch().__enter__()
@@ -49,6 +59,12 @@ class Trainer:
         self.retrieval = cfg.task == "retrieval"
         self.backbone = self.frozen = None  # the frozen image model and what runs it (Side4Video only)
         self.notes: list[str] = []  # lines for the log from model building (written once it exists)
+        # Checked before anything heavy is built or loaded, so that a wrong setting fails in seconds: an
+        # evaluation spec would fail after all training steps, a changed shape in the checkpoint load.
+        check_deepspeed_files(cfg)
+        changes = resume_changes(cfg)
+        for key, spec in shard_specs(cfg).items() if check_data else ():
+            check_shard_spec(key, spec, cfg.data.allow_pipe)
         network = self.build_network()
         trainable = count_params(network)
         ds_config = resolve_deepspeed_config(cfg, dist.world_size, dist.bf16_supported, trainable)
@@ -69,6 +85,10 @@ class Trainer:
 
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, dist.is_main, cfg.train.steps, self.step)
         if dist.is_main:
+            if changes:  # the settings the checkpoint was trained with stay on disk beside the new ones
+                self.notes.append(
+                    f"{changes.describe()}; the previous config is kept as {changes.keep_previous()}"
+                )
             dump_config(cfg, self.run_dir / "config.yaml")
         self.metrics.write(
             f"{self.describe()}: {trainable:,} trainable params; "
@@ -91,9 +111,22 @@ class Trainer:
             model = SwinRecognizer(build_swin(cfg.swin), cfg.swin.num_classes, cfg.swin.head_dropout)
             self.load_init(model)
             return model
+        if self.retrieval and cfg.side.init_from:
+            raise ConfigError("side.init_from: the side network it holds is a recognition model")
         self.backbone, self.frozen = build_frozen(cfg, self.dist)
         self.image_size = self.backbone.image_size
-        return self._build_retrieval() if self.retrieval else build_side_network(cfg.side, self.backbone)
+        if self.retrieval:
+            return self._build_retrieval()
+        side = build_side_network(cfg.side, self.backbone)
+        if cfg.side.init_from:  # before the engine exists: every rank loads the same weights
+            from models import load_side_weights
+
+            try:
+                note = load_side_weights(side, cfg.side.init_from)
+            except ValueError as exc:
+                raise ConfigError(f"side.init_from: {exc}") from None
+            self.notes.append(f"side network initialised from {cfg.side.init_from}: {note}")
+        return side
 
     def describe(self) -> str:
         cfg = self.cfg
@@ -166,10 +199,15 @@ class Trainer:
                 frames = self.augment(frames)
             clips = normalize(frames, self.dtype)
             loss = self.loss(batch, clips)
-            self.engine.backward(loss)
-            self.engine.step()
+            self.backward_step(loss)
             total += loss.detach()
         return total / self.cfg.train.grad_accum
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        """Backward and (at the accumulation boundary) the optimizer step; a non-finite loss gets NaN
+        gradients, so the engine skips the step (see trainer.divergence)."""
+        self.engine.backward(poisoned(loss))
+        self.engine.step()
 
     def train(self) -> dict:
         """Train to ``train.steps`` and evaluate; or, on a stop signal, checkpoint and return
@@ -177,12 +215,17 @@ class Trainer:
         cfg = self.cfg
         batches = iter(self._loader(train=True))
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        saved_at = None
+        saved_at = self.step if self.checkpointer.last else None  # a resumed step needs no second save
+        self.guard = guard = DivergenceGuard(self.engine, cfg.train.max_bad_steps, self.dist.device)
         if cfg.eval.at_start and self.step == 0:
             self.metrics.log(0, {f"eval/{k}": v for k, v in self.evaluate().items()})
         while self.step < cfg.train.steps:
+            guard.before_step()
             loss = self.train_step(batches).item()
             self.step += 1
+            bad = guard.after_step(loss, self.step, self.checkpointer.last)
+            if bad:  # its weights are the last good step's: no checkpoint of it either
+                self.metrics.write(f"step {self.step}: non-finite loss or gradient norm; step not applied")
             window_loss, window_steps = window_loss + loss, window_steps + 1
             self.metrics.step_done(loss)
             if self.metrics.should_log(self.step) or self.step == cfg.train.steps:
@@ -190,7 +233,7 @@ class Trainer:
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                 self.metrics.log(self.step, {f"eval/{k}": v for k, v in self.evaluate().items()})
-            if self.checkpointer.should_save(self.step):
+            if self.checkpointer.should_save(self.step) and not bad:
                 self.save()
                 saved_at = self.step
             if self.step < cfg.train.steps and self.preemption.requested(self.dist.device):
@@ -207,6 +250,14 @@ class Trainer:
         return {"step": self.step, "batches_seen": self.batches_seen, "data": self.data_state}
 
     def save(self) -> None:
+        bad = all_reduce_sum([len(nonfinite_tensors(self.engine.module))], self.dist.device)[0]
+        if bad:
+            last = self.checkpointer.last
+            raise DivergenceError(
+                f"step {self.step}: the model holds non-finite values (e.g. "
+                f"{(nonfinite_tensors(self.engine.module) or ['on another rank'])[0]}); no checkpoint was "
+                f"written; last good checkpoint: {last or 'none'}"
+            )
         state = self.train_state()
         path = self.checkpointer.save(self.engine, self.step, state)
         self.metrics.write(f"step {self.step}: checkpoint {path}")
@@ -223,6 +274,7 @@ class Trainer:
             **self.throughput(steps, seconds),
             "peak_mem_gb": peak / 2**30,
             "skipped": int(sum(reduced[1:])),
+            "bad_steps": self.guard.total,
             **self.window_metrics(steps),
         }
         values.update(
@@ -316,7 +368,8 @@ class Trainer:
             self.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
         )
         if self.dist.is_main:
-            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            text = json.dumps(strict_record(result), indent=2, allow_nan=False)
+            (self.run_dir / "eval.json").write_text(text + "\n")
         self.metrics.write(f"final evaluation: {json.dumps(result)}")
         return result
 
