@@ -1,14 +1,31 @@
 """Models: frozen backbones with taps, and the side networks that learn beside them (no distributed code)."""
 
-from models.backbone import SIZES, BackboneConfig, FrozenViT, build_backbone, meta_backbone, select_taps
+from dataclasses import replace
+
+from models.backbone import (
+    SIZES,
+    BackboneConfig,
+    FrozenEVAVision,
+    FrozenViT,
+    build_backbone,
+    meta_backbone,
+    select_taps,
+)
 from models.retrieval import Side4VideoRetrieval, contrastive_loss
-from models.side4video import Side4Video, SideConfig, count_params, no_weight_decay
+from models.side4video import Side4Video, SideConfig, count_params, load_side_weights, no_weight_decay
 from models.text import TEXT_SIZES, FrozenCLIPText, TextConfig, build_text_encoder
 
 
+def backbone_family(backbone: FrozenViT) -> str:
+    """ "eva" for an EVA-CLIP tower (post-norm blocks), "clip" otherwise (``side.block: auto`` follows it)."""
+    return "eva" if isinstance(backbone, FrozenEVAVision) else "clip"
+
+
 def build_side_network(cfg: SideConfig, backbone: FrozenViT) -> Side4Video:
-    """A side network shaped to consume ``backbone``'s taps (one side block per tap)."""
-    return Side4Video(cfg, backbone.width, backbone.patch_size, backbone.grid, len(backbone.taps))
+    """A side network shaped to consume ``backbone``'s taps (one side block per tap); ``side.block: auto``
+    gives the E/14 (post-norm) side block beside an EVA tower and the CLIP one otherwise."""
+    shape = backbone.width, backbone.patch_size, backbone.grid, len(backbone.taps)
+    return Side4Video(cfg, *shape, family=backbone_family(backbone))
 
 
 def build_retrieval_network(cfg: SideConfig, backbone: FrozenViT) -> Side4VideoRetrieval:
@@ -24,7 +41,7 @@ def build_retrieval_network(cfg: SideConfig, backbone: FrozenViT) -> Side4VideoR
         raise ValueError("the backbone was built without its projection (build_backbone(projection=True))")
     embed_dim = getattr(proj.weight, "ds_shape", proj.weight.shape)[0]  # ZeRO-3 keeps the full shape aside
     return Side4VideoRetrieval(
-        cfg,
+        replace(cfg, block=cfg.block_for(backbone_family(backbone))),
         backbone.width,
         backbone.patch_size,
         backbone.grid,
@@ -45,12 +62,14 @@ __all__ = [
     "Side4VideoRetrieval",
     "SideConfig",
     "TextConfig",
+    "backbone_family",
     "build_backbone",
     "build_retrieval_network",
     "build_side_network",
     "build_text_encoder",
     "contrastive_loss",
     "count_params",
+    "load_side_weights",
     "meta_backbone",
     "no_weight_decay",
     "select_taps",

@@ -4,18 +4,42 @@ The side stream keeps patch tokens only, laid out channels-last as (B, T, N, d).
 block it fuses that block's output (0.5 side + 0.5 projected backbone patches) and runs one side block:
 temporal depthwise conv, spatial attention whose keys include the time-shifted class token, and an MLP.
 No gradient reaches the backbone: its taps arrive without autograd history.
+
+Two side blocks, as released (RELEASES.md section 1), with the same parameters in a different order:
+- "clip" (B/16, L/14): pre-norm. Tap: LayerNorm(W) -> Linear(W -> d). Each part normalises its input:
+  BatchNorm before the temporal conv and the MLP, LayerNorm before the attention. BatchNorm before pooling.
+- "eva" (E/14): post-norm. Tap: Linear(W -> d) -> LayerNorm(d). Each part's output is normalised before the
+  residual add (BN_1 after the temporal conv, LN_1 after the attention, BN_2 after the MLP). No norm before
+  pooling.
+The spatial position embedding is one (N, d) tensor added in every block (``pos_embed: shared``, as
+released) or one per block (``per_block``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from models.lean import (
+    TokenBatchNorm,
+    checkpoint_contexts,
+    chunked_mlp,
+    lean_applies,
+    linear_norm,
+    norm_linear,
+    norm_project,
+    project_norm,
+    recomputing,
+)
+
+BLOCKS = ("clip", "eva", "auto")
+POS_EMBEDS = ("shared", "per_block")
 
 
 @dataclass
@@ -32,6 +56,15 @@ class SideConfig:
     """Kernel size of the depthwise temporal conv and of the stem's time axis."""
     num_classes: int = 8
     """Classifier outputs (recognition)."""
+    block: str = "auto"
+    """Side block: "clip" (pre-norm, the B/16 and L/14 release), "eva" (post-norm, the E/14 release) or
+    "auto" ("eva" beside an EVA backbone such as vit-e14, eva-tiny, eva-small; "clip" otherwise)."""
+    pos_embed: str = "shared"
+    """Spatial position embedding: "shared" (one (N, d) tensor added in every side block, as released) or
+    "per_block" (one per side block)."""
+    init_from: str | None = None
+    """Side network and classifier weights to start from: a ``side.safetensors`` written by
+    ``python -m launch.convert_checkpoint --side4video`` (or the directory holding it). None: fresh."""
     matching: str = "wti"
     """Retrieval matching: "wti" (weighted token-wise max similarity, both directions) or "mean" (mean
     frame embedding against the text's end token)."""
@@ -50,15 +83,22 @@ class SideConfig:
     and pre-activation are kept for backward, and no full (tokens, 4d) GELU output or gradient is formed.
     0: plain autograd (keeps the GELU output too and forms full-size gradients)."""
     recompute_norms: bool = True
-    """Each norm that feeds a linear layer (the temporal conv's and the MLP's batch norms, the attention's
-    layer norm) keeps only its input and statistics for backward and recomputes its output there, instead of
-    both it and the linear layer keeping a copy."""
+    """Norms beside linear layers keep less for backward. Pre-norm ("clip" block): each norm that feeds a
+    linear layer keeps only its input and statistics and recomputes its output there, instead of both it and
+    the linear layer keeping a copy. Post-norm ("eva" block): each norm that follows a linear layer (the tap
+    projection, the temporal conv's last pointwise conv, the attention's output projection, and the MLP's
+    second layer when ``mlp_chunk`` is 0) keeps only its statistics; its input is recomputed by that layer's
+    GEMM in backward."""
 
     def __post_init__(self):
         if self.width < 1 or self.num_classes < 1:
             raise ValueError("side.width and side.num_classes must be positive")
         if self.num_heads < 1 or self.width % self.num_heads:
             raise ValueError(f"side.heads={self.num_heads} must divide side.width={self.width}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"side.block must be one of {BLOCKS}, got {self.block!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"side.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
         if self.matching not in ("wti", "mean"):
             raise ValueError(f"side.matching must be 'wti' or 'mean', got {self.matching!r}")
         if not 0 < self.logit_scale <= 100:
@@ -74,48 +114,11 @@ class SideConfig:
     def num_heads(self) -> int:
         return self.heads or max(1, self.width // 64)
 
-
-_recomputing = False  # set while a checkpointed block re-runs its forward inside the backward pass
-
-
-@contextmanager
-def _recompute():
-    global _recomputing
-    _recomputing = True
-    try:
-        yield
-    finally:
-        _recomputing = False
-
-
-def _checkpoint_contexts():
-    return nullcontext(), _recompute()  # (the first forward, the recomputation)
-
-
-class TokenBatchNorm(nn.BatchNorm1d):
-    """BatchNorm3d over the channel axis of (B, T, N, d) tokens, without a channels-first copy.
-
-    A checkpointed block's recomputation normalises with the same batch statistics but leaves the running
-    statistics alone: they are updated once per forward, as without checkpointing.
-    """
-
-    def momentum_now(self) -> float:
-        """The running statistics' update factor for a training forward (what ``BatchNorm1d.forward``
-        uses; it counts the batch): 0 in a checkpointed recomputation."""
-        if _recomputing:
-            return 0.0
-        self.num_batches_tracked.add_(1)
-        return self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if not self.training:
-            return super().forward(flat).view_as(x)
-        # In a recomputation momentum 0 leaves the running statistics as they are, with the same saved
-        # tensors as the first forward (checkpointing compares them).
-        stats = self.running_mean, self.running_var
-        momentum = self.momentum_now()
-        return F.batch_norm(flat, *stats, self.weight, self.bias, True, momentum, self.eps).view_as(x)
+    def block_for(self, family: str) -> str:
+        """The side block beside a backbone of ``family`` ("clip" or "eva"): ``block``, "auto" resolved."""
+        if self.block != "auto":
+            return self.block
+        return "eva" if family == "eva" else "clip"
 
 
 def shift_class_token(cls: torch.Tensor) -> torch.Tensor:
@@ -129,205 +132,53 @@ def shift_class_token(cls: torch.Tensor) -> torch.Tensor:
     return torch.cat([from_next, from_prev], dim=-1)
 
 
-def _autocast_enabled(device: str) -> bool:
-    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)  # (not on "meta")
-
-
-class _NormProject(torch.autograd.Function):
-    """``linear(layer_norm(tap))`` for a tap without autograd history, keeping only the tap itself (in the
-    dtype it was handed over in) and its per-token statistics for backward: the float32 copy and the
-    normalised tokens, each W wide, are recomputed there instead of being stored for every side block, and
-    no (tokens, W) gradient is formed (the tap needs none)."""
-
-    @staticmethod
-    def forward(ctx, tap, norm_weight, norm_bias, weight, bias, eps: float):
-        device = tap.device.type
-        ctx.compute = torch.get_autocast_dtype(device) if _autocast_enabled(device) else weight.dtype
-        normed, mean, rstd = torch.native_layer_norm(
-            tap.to(weight.dtype), tap.shape[-1:], norm_weight, norm_bias, eps
-        )
-        ctx.save_for_backward(tap, mean, rstd, norm_weight, norm_bias, weight)
-        return F.linear(normed.to(ctx.compute), weight.to(ctx.compute), bias.to(ctx.compute))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        tap, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
-        # (tokens, W) normalised tap, recomputed
-        xhat = ((tap.to(weight.dtype) - mean) * rstd).flatten(0, -2).to(ctx.compute)
-        grad = grad_out.flatten(0, -2).to(ctx.compute)  # (tokens, d)
-        # One GEMM serves all four gradients: with normed = xhat * g + b and M = grad^T xhat (d, W),
-        # grad^T normed = M * g + outer(sum(grad), b), and the norm's gradients are column sums of weight * M.
-        outer = (grad.t() @ xhat).to(weight.dtype)  # M
-        grad_bias = grad.sum(0, dtype=weight.dtype)
-        grad_weight = outer * norm_weight + grad_bias[:, None] * norm_bias
-        grad_norm_weight = (weight * outer).sum(0)
-        grad_norm_bias = grad_bias @ weight
-        return None, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, None
-
-
 class TapFusion(nn.Module):
-    """LayerNorm + Linear from a backbone block's tokens into side width."""
+    """A backbone block's tokens into side width: LayerNorm(W) + Linear(W -> d), or with ``post_norm``
+    Linear(W -> d) + LayerNorm(d) (the E/14 release)."""
 
-    def __init__(self, backbone_width: int, width: int):
+    def __init__(
+        self, backbone_width: int, width: int, post_norm: bool = False, recompute_norm: bool = False
+    ):
         super().__init__()
-        self.norm = nn.LayerNorm(backbone_width)
+        self.post_norm, self.recompute_norm = post_norm, recompute_norm
+        self.norm = nn.LayerNorm(width if post_norm else backbone_width)
         self.proj = nn.Linear(backbone_width, width)
 
     def forward(self, tokens: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B*T, 1 + N, W) -> class (B, T, d), patches (B, T, N, d)."""
+        norm, proj = self.norm, self.proj
         if tokens.requires_grad:  # not a frozen tap: plain autograd
-            projected = self.proj(self.norm(tokens))
+            projected = norm(proj(tokens)) if self.post_norm else proj(norm(tokens))
+        elif self.post_norm:
+            projected = project_norm(tokens, proj, norm, self.recompute_norm)
         else:
-            norm, proj = self.norm, self.proj
-            projected = _NormProject.apply(tokens, norm.weight, norm.bias, proj.weight, proj.bias, norm.eps)
+            projected = norm_project(tokens, norm, proj)
         projected = projected.unflatten(0, (-1, frames))  # (B, T, 1 + N, d)
         return projected[:, :, 0], projected[:, :, 1:]
 
 
-def _row_chunks(rows: int, chunk: int) -> list[slice]:
-    return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
-
-
-def _add_product(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """accumulator += left @ right, accumulating in the accumulator's dtype (float32 for bf16 compute)."""
-    if accumulator.dtype == left.dtype:
-        accumulator.addmm_(left, right)
-    else:
-        accumulator.add_(left @ right)
-
-
-def _norm_forward(norm: nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens, d) -> normalised tokens and the two statistics the norm's backward needs."""
-    if isinstance(norm, TokenBatchNorm):
-        stats = norm.running_mean, norm.running_var
-        return torch.native_batch_norm(
-            flat, norm.weight, norm.bias, *stats, True, norm.momentum_now(), norm.eps
-        )
-    return torch.native_layer_norm(flat, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-def _norm_recompute(flat: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight, bias) -> torch.Tensor:
-    """The normalised tokens again, from the input and the saved statistics (per token or per channel)."""
-    return torch.addcmul(bias, (flat - mean) * rstd, weight)
-
-
-def _norm_backward(norm: nn.Module, grad: torch.Tensor, flat: torch.Tensor, mean, rstd, weight, bias):
-    """Gradients of a norm's input, weight and bias from the gradient of its output."""
-    if isinstance(norm, TokenBatchNorm):
-        return torch.ops.aten.native_batch_norm_backward(
-            grad, flat, weight, None, None, mean, rstd, True, norm.eps, [True, True, True]
-        )
-    return torch.ops.aten.native_layer_norm_backward(
-        grad, flat, norm.normalized_shape, mean, rstd, weight, bias, [True, True, True]
-    )
-
-
-class _NormLinear(torch.autograd.Function):
-    """``linear(norm(x))`` keeping only x and the norm's statistics for backward: the normalised tokens, as
-    large as x, are recomputed there (one elementwise pass) instead of being stored."""
-
-    @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, weight, bias, norm: nn.Module):
-        flat = x.reshape(-1, x.shape[-1])  # (tokens, d)
-        normed, mean, rstd = _norm_forward(norm, flat)
-        ctx.save_for_backward(flat, mean, rstd, norm_weight, norm_bias, weight)
-        ctx.norm, ctx.shape = norm, x.shape
-        return F.linear(normed, weight, bias).view(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        flat, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
-        grad = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
-        grad_weight = grad.t() @ _norm_recompute(flat, mean, rstd, norm_weight, norm_bias)
-        grad_x, grad_norm_weight, grad_norm_bias = _norm_backward(
-            ctx.norm, grad @ weight, flat, mean, rstd, norm_weight, norm_bias
-        )
-        return grad_x.view(ctx.shape), grad_norm_weight, grad_norm_bias, grad_weight, grad.sum(0), None
-
-
-class _NormMlp(torch.autograd.Function):
-    """``fc2(gelu(fc1(norm(x))))`` keeping only x, the norm's statistics and the pre-activation for backward.
-    The GELU, the second GEMM and every hidden-width gradient run over ``chunk`` tokens at a time, so neither
-    the GELU output nor a hidden gradient, each (tokens, 4d), ever exists whole; the GEMMs are the ones plain
-    autograd runs. ``norm``: a TokenBatchNorm (per-channel statistics: its output is recomputed a chunk at a
-    time in backward), or None (x goes straight into fc1)."""
-
-    @staticmethod
-    def forward(
-        ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, norm: nn.Module | None, chunk: int, output: bool
-    ):
-        flat = x.reshape(-1, x.shape[-1])  # (tokens, d)
-        normed, mean, rstd = _norm_forward(norm, flat) if norm is not None else (flat, None, None)
-        hidden = F.linear(normed, w1, b1)  # (tokens, 4d) pre-activation, kept
-        del normed  # (not kept: recomputed in backward)
-        ctx.save_for_backward(flat, hidden, w1, w2, mean, rstd, norm_weight, norm_bias)
-        ctx.norm, ctx.chunk, ctx.shape = norm, chunk, x.shape
-        if not output:  # only what backward keeps is wanted: skip the GELU and the second GEMM
-            return flat.new_zeros(()).expand(x.shape)
-        out = flat.new_empty(flat.shape[0], w2.shape[0])  # (tokens, d)
-        for rows in _row_chunks(flat.shape[0], chunk):
-            torch.addmm(b2, F.gelu(hidden[rows]), w2.t(), out=out[rows])
-        return out.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        flat, hidden, w1, w2, mean, rstd, norm_weight, norm_bias = ctx.saved_tensors
-        norm = ctx.norm
-        grad = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, d)
-        accumulate = torch.promote_types(w1.dtype, torch.float32)
-        grad_w1 = torch.zeros(w1.shape, dtype=accumulate, device=w1.device)  # (4d, d)
-        grad_w2 = torch.zeros(w2.shape, dtype=accumulate, device=w2.device)  # (d, 4d)
-        grad_b1 = torch.zeros(w1.shape[0], dtype=accumulate, device=w1.device)
-        grad_normed = torch.empty_like(flat)
-        for rows in _row_chunks(flat.shape[0], ctx.chunk):
-            pre, upstream = hidden[rows], grad[rows]
-            _add_product(grad_w2, upstream.t(), F.gelu(pre))
-            grad_hidden = torch.ops.aten.gelu_backward(upstream @ w2, pre)  # (chunk, 4d)
-            grad_b1 += grad_hidden.sum(0, dtype=accumulate)
-            normed = flat[rows]
-            if norm is not None:
-                normed = _norm_recompute(normed, mean, rstd, norm_weight, norm_bias)
-            _add_product(grad_w1, grad_hidden.t(), normed)
-            torch.mm(grad_hidden, w1, out=grad_normed[rows])
-        grad_x, grad_norm_weight, grad_norm_bias = grad_normed, None, None
-        if norm is not None:
-            grad_x, grad_norm_weight, grad_norm_bias = _norm_backward(
-                norm, grad_normed, flat, mean, rstd, norm_weight, norm_bias
-            )
-        grads = grad_w1.to(w1.dtype), grad_b1.to(w1.dtype), grad_w2.to(w2.dtype), grad.sum(0)
-        return grad_x.view(ctx.shape), grad_norm_weight, grad_norm_bias, *grads, None, None, None
-
-
-def _lean(x: torch.Tensor, norm: nn.Module) -> bool:
-    """Whether the recomputing autograd functions apply: a training forward that builds a graph, without
-    autocast (they compute in the weights' dtype)."""
-    return torch.is_grad_enabled() and norm.training and not _autocast_enabled(x.device.type)
-
-
-def norm_linear(norm: nn.Module, linear: nn.Linear, x: torch.Tensor, recompute: bool) -> torch.Tensor:
-    """``linear(norm(x))``; ``recompute``: keep only x and the norm's statistics for backward."""
-    if recompute and _lean(x, norm):
-        return _NormLinear.apply(x, norm.weight, norm.bias, linear.weight, linear.bias, norm)
-    return linear(norm(x))
-
-
 class TemporalConv(nn.Module):
-    """Norm, pointwise, depthwise conv over time, pointwise."""
+    """Pointwise, depthwise conv over time, pointwise; the norm before them, or after them (``post_norm``)."""
 
-    def __init__(self, width: int, kernel: int, recompute_norm: bool = False):
+    def __init__(self, width: int, kernel: int, recompute_norm: bool = False, post_norm: bool = False):
         super().__init__()
         self.norm = TokenBatchNorm(width)
         self.pw_in = nn.Linear(width, width)
         self.depthwise = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
         self.pw_out = nn.Linear(width, width)
-        self.recompute_norm = recompute_norm
+        self.recompute_norm, self.post_norm = recompute_norm, post_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, frames, tokens, width = x.shape
-        y = norm_linear(self.norm, self.pw_in, x, self.recompute_norm)
+        if self.post_norm:
+            y = self.pw_in(x)
+        else:
+            y = norm_linear(self.norm, self.pw_in, x, self.recompute_norm)
         y = y.permute(0, 2, 3, 1).reshape(batch * tokens, width, frames)  # (B*N, d, T)
         y = self.depthwise(y)
         y = y.view(batch, tokens, width, frames).permute(0, 3, 1, 2)  # (B, T, N, d)
+        if self.post_norm:
+            return linear_norm(self.pw_out, self.norm, y, self.recompute_norm)
         return self.pw_out(y)
 
 
@@ -337,13 +188,17 @@ class SpatialAttention(nn.Module):
     def __init__(self, width: int, heads: int, fused: bool = True, recompute_norm: bool = False):
         super().__init__()
         self.heads, self.fused, self.recompute_norm = heads, fused, recompute_norm
-        self.in_proj = nn.Linear(width, 3 * width)
+        self.in_proj = nn.Linear(width, 3 * width)  # q, k, v stacked
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, context: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-        """(B, T, 1 + N, d) [class, patches] and their pre-norm -> (B, T, N, d) update for the patches."""
+    def forward(self, context: torch.Tensor, norm: nn.LayerNorm, post_norm: bool = False) -> torch.Tensor:
+        """(B, T, 1 + N, d) [class, patches] -> (B, T, N, d) update for the patches. ``norm`` is applied to
+        the context (pre-norm) or, with ``post_norm``, to the output projection's result."""
         batch, frames, length, width = context.shape
-        qkv = norm_linear(norm, self.in_proj, context, self.recompute_norm)
+        if post_norm:
+            qkv = self.in_proj(context)
+        else:
+            qkv = norm_linear(norm, self.in_proj, context, self.recompute_norm)
         qkv = qkv.view(batch * frames, length, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B*T, heads, 1 + N, head_dim)
         if self.fused:
@@ -352,56 +207,81 @@ class SpatialAttention(nn.Module):
             weights = (q[:, :, 1:] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B*T, heads, N, 1 + N)
             out = weights.softmax(dim=-1) @ v
         out = out.transpose(1, 2).reshape(batch, frames, length - 1, width)
+        if post_norm:
+            return linear_norm(self.out_proj, norm, out, self.recompute_norm)
         return self.out_proj(out)
 
 
 class Mlp(nn.Module):
-    """Norm, Linear, GELU, Linear. ``chunk`` > 0: the MLP's GELU, second GEMM and hidden-width gradients run
-    over that many tokens at a time, keeping only the pre-activation (``_NormMlp``)."""
+    """Norm, Linear, GELU, Linear; or with ``post_norm`` Linear, GELU, Linear, norm. ``chunk`` > 0: the
+    MLP's GELU, second GEMM and hidden-width gradients run over that many tokens at a time, keeping only the
+    pre-activation (``models.lean.chunked_mlp``)."""
 
-    def __init__(self, width: int, hidden: int, chunk: int = 0, recompute_norm: bool = False):
+    def __init__(
+        self, width: int, hidden: int, chunk: int = 0, recompute_norm: bool = False, post_norm: bool = False
+    ):
         super().__init__()
         self.norm = TokenBatchNorm(width)
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
-        self.chunk, self.recompute_norm = chunk, recompute_norm
+        self.chunk, self.recompute_norm, self.post_norm = chunk, recompute_norm, post_norm
 
     def forward(self, x: torch.Tensor, output: bool = True) -> torch.Tensor:
         """``output`` False: only what backward keeps is computed (a checkpointed block's recomputation, where
-        the MLP comes last); the result is then zeros."""
-        if not (self.chunk and _lean(x, self.norm)):
-            return self.fc2(F.gelu(norm_linear(self.norm, self.fc1, x, self.recompute_norm)))
+        the MLP comes last); the result is then zeros. A post-norm MLP always computes its output: its norm's
+        backward needs it."""
         norm, fc1, fc2 = self.norm, self.fc1, self.fc2
-        params = norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias
-        if not self.recompute_norm:  # the norm's output goes in, kept by the norm's own autograd
-            x, norm = norm(x), None
-        return _NormMlp.apply(x, *params, norm, self.chunk, output)
+        lean = self.chunk and lean_applies(x, norm)
+        if self.post_norm:
+            if lean:
+                return norm(chunked_mlp(x, fc1, fc2, self.chunk))
+            return linear_norm(fc2, norm, F.gelu(fc1(x)), self.recompute_norm)
+        if not lean:
+            return fc2(F.gelu(norm_linear(norm, fc1, x, self.recompute_norm)))
+        if self.recompute_norm:
+            return chunked_mlp(x, fc1, fc2, self.chunk, norm, output)
+        # the norm's output goes in, kept by the norm's own autograd
+        return chunked_mlp(norm(x), fc1, fc2, self.chunk, output=output)
 
 
 class SideBlock(nn.Module):
-    """One side block: fuse a tap, then temporal, spatial-attention and MLP residual parts."""
+    """One side block: fuse a tap, then temporal, spatial-attention and MLP residual parts.
 
-    def __init__(self, cfg: SideConfig, backbone_width: int, tokens: int):
+    Args:
+        post_norm: the E/14 block (each part's output normalised) instead of the CLIP one (pre-norm).
+        own_pos_embed: hold a position embedding of its own (``pos_embed: per_block``); otherwise the shared
+            one is passed to ``forward``.
+    """
+
+    def __init__(
+        self,
+        cfg: SideConfig,
+        backbone_width: int,
+        tokens: int,
+        post_norm: bool = False,
+        own_pos_embed: bool = True,
+    ):
         super().__init__()
         width, recompute = cfg.width, cfg.recompute_norms
-        self.fusion = TapFusion(backbone_width, width)
-        self.temporal = TemporalConv(width, cfg.temporal_kernel, recompute)
-        self.pos_embed = nn.Parameter(torch.zeros(tokens, width))
+        self.post_norm = post_norm
+        self.fusion = TapFusion(backbone_width, width, post_norm, recompute)
+        self.temporal = TemporalConv(width, cfg.temporal_kernel, recompute, post_norm)
+        self.pos_embed = nn.Parameter(torch.zeros(tokens, width)) if own_pos_embed else None
         self.attn_norm = nn.LayerNorm(width)
         self.attn = SpatialAttention(width, cfg.num_heads, cfg.attention == "sdpa", recompute)
-        self.mlp = Mlp(width, int(width * cfg.mlp_ratio), cfg.mlp_chunk, recompute)
+        self.mlp = Mlp(width, int(width * cfg.mlp_ratio), cfg.mlp_chunk, recompute, post_norm)
 
-    def forward(self, x: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
-        """x (B, T, N, d) side tokens, tap (B*T, 1 + N, W) backbone tokens -> (B, T, N, d)."""
+    def forward(self, x: torch.Tensor, tap: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, N, d) side tokens, tap (B*T, 1 + N, W) backbone tokens, pos (N, d) the shared position
+        embedding (unused when the block has its own) -> (B, T, N, d)."""
+        pos = self.pos_embed if self.pos_embed is not None else pos
         cls, patches = self.fusion(tap, x.shape[1])  # the tap stays in its handover dtype
         x = 0.5 * x + 0.5 * patches
         x = x + self.temporal(x)
-        context = torch.cat(
-            [shift_class_token(cls).unsqueeze(2), x + self.pos_embed], dim=2
-        )  # (B, T, 1+N, d)
-        x = x + self.attn(context, self.attn_norm)
+        context = torch.cat([shift_class_token(cls).unsqueeze(2), x + pos], dim=2)  # (B, T, 1+N, d)
+        x = x + self.attn(context, self.attn_norm, self.post_norm)
         # A recomputation for backward needs only what the MLP keeps, not the block's output.
-        return x + self.mlp(x, output=not _recomputing)
+        return x + self.mlp(x, output=not recomputing())
 
 
 class Side4Video(nn.Module):
@@ -414,6 +294,7 @@ class Side4Video(nn.Module):
         grid: patches per side, so N = grid**2 tokens per frame.
         depth: number of side blocks = number of backbone taps.
         classifier: build the classification head (retrieval uses the tokens instead).
+        family: the backbone's family ("clip" or "eva"), which ``side.block: auto`` follows.
     """
 
     def __init__(
@@ -424,9 +305,12 @@ class Side4Video(nn.Module):
         grid: int,
         depth: int,
         classifier: bool = True,
+        family: str = "clip",
     ):
         super().__init__()
-        width, kernel = cfg.width, cfg.temporal_kernel
+        width, kernel, tokens = cfg.width, cfg.temporal_kernel, grid * grid
+        self.block = cfg.block_for(family)
+        post_norm, shared = self.block == "eva", cfg.pos_embed == "shared"
         self.stem = nn.Conv3d(
             3,
             width,
@@ -435,15 +319,22 @@ class Side4Video(nn.Module):
             padding=(kernel // 2, 0, 0),
         )
         self.stem_norm = TokenBatchNorm(width)
-        self.blocks = nn.ModuleList(SideBlock(cfg, backbone_width, grid * grid) for _ in range(depth))
-        self.norm = TokenBatchNorm(width)
+        self.pos_embed = nn.Parameter(torch.zeros(tokens, width)) if shared else None  # (N, d)
+        self.blocks = nn.ModuleList(
+            SideBlock(cfg, backbone_width, tokens, post_norm, own_pos_embed=not shared) for _ in range(depth)
+        )
+        self.norm = nn.Identity() if post_norm else TokenBatchNorm(width)  # the E/14 release pools unnormed
         self.head = nn.Linear(width, cfg.num_classes) if classifier else None
         self.checkpoint = cfg.checkpoint
         self._init_weights(width, depth)
 
     def _init_weights(self, width: int, depth: int) -> None:
+        """The published initialisation; the position embedding N(0, 0.01^2), N(0, 0.02^2) for E/14."""
         std_in = (2 * width) ** -0.5
         std_out = width**-0.5 * (2 * depth) ** -0.5
+        pos_std = 0.02 if self.block == "eva" else 0.01
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed, std=pos_std)
         for block in self.blocks:
             nn.init.normal_(block.fusion.proj.weight, std=std_in)
             nn.init.normal_(block.attn.in_proj.weight, std=width**-0.5)
@@ -453,7 +344,8 @@ class Side4Video(nn.Module):
             # Unpublished: the temporal pointwise convs follow the MLP's rule.
             nn.init.normal_(block.temporal.pw_in.weight, std=std_in)
             nn.init.normal_(block.temporal.pw_out.weight, std=std_out)
-            nn.init.normal_(block.pos_embed, std=0.01)
+            if block.pos_embed is not None:
+                nn.init.normal_(block.pos_embed, std=pos_std)
             for linear in (
                 block.fusion.proj,
                 block.attn.in_proj,
@@ -485,9 +377,11 @@ class Side4Video(nn.Module):
             block = self.blocks[consumed]
             last = consumed == len(self.blocks) - 1  # its recomputation would follow its forward at once
             if self.checkpoint and torch.is_grad_enabled() and not last:
-                x = checkpoint(block, x, tap, use_reentrant=False, context_fn=_checkpoint_contexts)
+                x = checkpoint(
+                    block, x, tap, self.pos_embed, use_reentrant=False, context_fn=checkpoint_contexts
+                )
             else:
-                x = block(x, tap)
+                x = block(x, tap, self.pos_embed)
             consumed += 1
         if consumed != len(self.blocks):
             raise ValueError(f"backbone yielded {consumed} taps for {len(self.blocks)} side blocks")
@@ -497,6 +391,45 @@ class Side4Video(nn.Module):
         """(B, T, 3, H, W) frames + taps -> (B, num_classes) logits."""
         x = self.norm(self.forward_features(frames, taps))
         return self.head(x.mean(dim=(1, 2)))
+
+
+def load_side_weights(side: nn.Module, path: str | Path) -> str:
+    """Load ``side.init_from`` (a ``side.safetensors``, or the directory holding one) into ``side`` strictly:
+    every parameter and buffer (BatchNorm running statistics included), nothing else, shapes equal.
+
+    Returns:
+        a one-line note for the log.
+    Raises:
+        ValueError: the file is absent, or does not match (listing every missing, unexpected and mismatched
+            tensor at once, before anything is loaded).
+    """
+    from safetensors import safe_open
+
+    source = Path(path)
+    if source.is_dir():
+        source = source / "side.safetensors"
+    if not source.is_file() or source.suffix != ".safetensors":
+        raise ValueError(f"{path}: no side.safetensors there (write one with launch.convert_checkpoint)")
+    with safe_open(source, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    expected = side.state_dict()
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    mismatched = [
+        f"{key} {tuple(tensors[key].shape)} != {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in tensors and tensors[key].shape != value.shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{source} does not fit the side network: {len(missing)} missing {missing}, "
+            f"{len(unexpected)} unexpected {unexpected}, {len(mismatched)} of another shape {mismatched}"
+        )
+    side.load_state_dict(tensors, strict=True)
+    params = sum(tensors[name].numel() for name, _ in side.named_parameters())
+    epoch = f", release epoch {metadata['epoch']}" if "epoch" in metadata else ""
+    return f"{len(tensors)} tensors, {params:,} parameters{epoch}"
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:

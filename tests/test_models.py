@@ -175,7 +175,7 @@ def test_published_initialisation():
     assert block.attn.out_proj.weight.std().item() == pytest.approx(
         width**-0.5 * (2 * depth) ** -0.5, rel=0.1
     )
-    assert block.pos_embed.std().item() == pytest.approx(0.01, rel=0.1)
+    assert side.pos_embed.std().item() == pytest.approx(0.01, rel=0.1)  # one tensor shared by every block
     assert torch.equal(block.attn_norm.weight, torch.ones(width))
 
 
@@ -328,7 +328,7 @@ def test_recomputation_skips_the_last_mlp_gemm_and_the_last_block():
             side(frames, taps).logsumexp(-1).sum().backward()
         flops[checkpoint] = counter.get_total_flops()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            side.blocks[0](torch.zeros(2, FRAMES, backbone.grid**2, 32), taps[0])
+            side.blocks[0](torch.zeros(2, FRAMES, backbone.grid**2, 32), taps[0], side.pos_embed)
         block_forward = counter.get_total_flops()
     tokens, hidden = 2 * FRAMES * backbone.grid**2, 4 * 32
     second_gemm = 2 * tokens * hidden * 32
