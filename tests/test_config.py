@@ -294,3 +294,39 @@ def test_a_key_the_old_config_lacks_is_a_change_that_can_resume(tmp_path):
     (tmp_path / "config.yaml").write_text(text)
     changes = resume_changes(load_config(None, [f"run_dir={tmp_path}", "backbone.forward_chunk=4"]))
     assert "backbone.forward_chunk: (not in the old config) -> 4" in changes.describe()
+
+
+@pytest.mark.parametrize(
+    ("rule", "decayed"),
+    [
+        ("default", {"fc.weight"}),
+        (
+            "all",
+            {
+                "fc.weight",
+                "fc.bias",
+                "norm.weight",
+                "pos_embed",
+                "mask_token",
+                "relative_position_bias_table",
+            },
+        ),
+        ("bevt", {"fc.weight", "fc.bias", "pos_embed", "mask_token"}),
+    ],
+)
+def test_optim_decay_picks_the_decayed_parameters(rule, decayed):
+    import torch
+    from torch import nn
+
+    from trainer.optim import OptimConfig, build_optimizer
+
+    model = nn.Module()
+    model.fc, model.norm = nn.Linear(2, 2), nn.LayerNorm(2)
+    for name in ("pos_embed", "mask_token", "relative_position_bias_table"):
+        model.register_parameter(name, nn.Parameter(torch.zeros(1, 2, 2)))
+    optimizer = build_optimizer(OptimConfig(decay=rule), model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {
+        names[id(p)] for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]
+    }
+    assert got == decayed
