@@ -299,13 +299,14 @@ def test_a_key_the_old_config_lacks_is_a_change_that_can_resume(tmp_path):
 @pytest.mark.parametrize(
     ("rule", "decayed"),
     [
-        ("default", {"fc.weight"}),
+        ("default", {"fc.weight", "mask_token"}),  # (a 3-D token: only 1-D tensors and named embeddings skip)
         (
             "all",
             {
                 "fc.weight",
                 "fc.bias",
                 "norm.weight",
+                "norm.bias",
                 "pos_embed",
                 "mask_token",
                 "relative_position_bias_table",

@@ -10,7 +10,6 @@ from torch import nn
 
 from models import no_weight_decay
 
-
 BEVT_NO_DECAY = ("norm", "relative_position_bias_table", "absolute_pos_embed")
 DECAY_RULES = {  # (name, parameter) -> whether weight decay applies
     "default": lambda name, param: not no_weight_decay(name, param),
