@@ -455,6 +455,8 @@ RESUME_FIXED = {
         "side.mlp_ratio",
         "side.temporal_kernel",
         "side.num_classes",
+        "side.block",
+        "side.pos_embed",
     ),
     "video_swin": ("swin.name", "swin.num_classes"),
     "retrieval": ("text.name", "text.pretrained", "text.random_token_std", "data.tokenizer"),
