@@ -78,18 +78,29 @@ def test_a_training_set_without_a_usable_sample_is_a_data_error_with_workers(tin
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("target", ["main process", "process group"])
-def test_ctrl_c_stops_the_run_and_its_workers_with_exit_130(tiny_shards, tmp_path, target):
+def children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
+
+
+@pytest.mark.parametrize("target", ["main process", "process group", "a loader worker"])
+def test_ctrl_c_or_a_dead_worker_stops_the_run_and_its_workers(tiny_shards, tmp_path, target):
     run_dir = tmp_path / "run"
     process = popen(tiny_overrides(tiny_shards, run_dir, **{"train.steps": 1000, "data.num_workers": 2}))
     wait_for(lambda: training(run_dir), process)
     if target == "main process":
         process.send_signal(signal.SIGINT)
-    else:
+    elif target == "process group":
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    else:
+        os.kill(children(process.pid)[0], signal.SIGKILL)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr[-2000:]
-    assert "interrupted" in stderr.splitlines()[-1] and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    if target == "a loader worker":
+        assert process.returncode == 1 and last.startswith("error: ") and "worker" in last, stderr[-2000:]
+    else:
+        assert process.returncode == 130 and "interrupted" in last, stderr[-2000:]
+    assert "Traceback" not in stderr
     assert group_gone(process.pid), "loader workers outlived the trainer"
 
 
