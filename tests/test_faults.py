@@ -309,3 +309,35 @@ def test_a_diverging_run_stops_without_a_non_finite_checkpoint_and_logs_strict_j
     for folder in folders:
         state = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), folder.name
+
+
+def test_a_bad_step_restores_batch_norm_statistics_and_three_in_a_row_stop(monkeypatch):
+    from types import SimpleNamespace
+
+    from trainer import divergence
+
+    monkeypatch.setattr(divergence, "all_reduce_sum", lambda values, device: values)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    applied = [True]
+    engine = SimpleNamespace(
+        module=module, optimizer=SimpleNamespace(overflow=False), was_step_applied=lambda: applied[0]
+    )
+    guard = divergence.DivergenceGuard(engine, max_bad_steps=3, device=torch.device("cpu"))
+    guard.before_step()
+    module(torch.randn(4, 3))
+    assert not guard.after_step(1.0, 1, None)  # a good step keeps its statistics
+    good = {k: v.clone() for k, v in module.state_dict().items()}
+    for step in (2, 3):
+        guard.before_step()
+        module(torch.full((4, 3), float("nan")))
+        assert guard.after_step(float("nan"), step, None)
+        assert all(torch.equal(good[k], v) for k, v in module.state_dict().items())
+    guard.before_step()
+    applied[0] = False  # a finite loss whose gradient norm the optimizer found non-finite
+    with pytest.raises(
+        divergence.DivergenceError, match=r"3 steps in a row up to step 4.*last good checkpoint: c"
+    ):
+        guard.after_step(2.0, 4, Path("c"))
+    assert not divergence.nonfinite_tensors(module)
+    with pytest.raises(ValueError, match="ZeRO stage 0"):
+        divergence.DivergenceGuard(SimpleNamespace(optimizer=object()), 3, torch.device("cpu"))

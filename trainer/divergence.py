@@ -16,7 +16,9 @@ import math
 from pathlib import Path
 
 import torch
+from torch.nn.modules.batchnorm import _NormBase
 
+from trainer.config import ConfigError
 from trainer.distributed import all_reduce_sum
 
 
@@ -43,19 +45,24 @@ class DivergenceGuard:
 
     def __init__(self, engine, max_bad_steps: int, device: torch.device):
         if not hasattr(engine.optimizer, "overflow"):
-            raise ValueError(
+            raise ConfigError(
                 "train.deepspeed_config: its optimizer cannot skip a non-finite step (ZeRO stage 0); "
                 "use ZeRO stage 1 or 2, e.g. deepspeed_configs/side_zero2.json"
             )
         self.engine, self.max_bad_steps, self.device = engine, max_bad_steps, device
         self.consecutive = 0
         self.total = 0
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def before_step(self) -> None:
-        """Remember the buffers (BatchNorm statistics) the coming forward passes will update."""
-        buffers = self.engine.module.named_buffers()
-        self._buffers = {name: buffer.detach().clone() for name, buffer in buffers if buffer.numel()}
+        """Remember the buffers the coming forward passes update (in place): normalisation layers' running
+        statistics."""
+        self._saved = [
+            (buffer, buffer.detach().clone())
+            for module in self.engine.module.modules()
+            if isinstance(module, _NormBase)
+            for buffer in module.buffers(recurse=False)
+        ]
 
     def after_step(self, loss: float, step: int, last_checkpoint: Path | None) -> bool:
         """True if the step just taken was bad (non-finite loss on any rank, or skipped by the optimizer);
@@ -68,9 +75,8 @@ class DivergenceGuard:
         self.consecutive += 1
         self.total += 1
         with torch.no_grad():
-            for name, buffer in self.engine.module.named_buffers():
-                if name in self._buffers:
-                    buffer.copy_(self._buffers[name])
+            for buffer, saved in self._saved:
+                buffer.copy_(saved)
         if self.consecutive >= self.max_bad_steps:
             raise DivergenceError(
                 f"training diverged: {self.consecutive} steps in a row up to step {step} had a non-finite "
