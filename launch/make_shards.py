@@ -1,62 +1,145 @@
-"""Pack a folder of videos and a CSV of ``path,label`` into WebDataset shards.
+"""Pack a dataset (videos or images + its annotations) into WebDataset tar shards the trainer reads.
 
-python -m launch.make_shards --videos DIR --labels FILE.csv --out DIR [--prefix shard] [--shard-size-mb 1024]
-                             [--overwrite]
+python -m launch.make_shards --videos DIR --labels FILE.csv --out DIR          # the default: --format csv
+python -m launch.make_shards --format NAME --videos DIR [--annotations PATH] [--split NAME] --out DIR
+    [--classes classes.txt] [--prefix shard] [--shard-size-mb 1024] [--shard-size N] [--workers N]
+    [--short-side S] [--max-seconds T] [--crf 23] [--overwrite]
 
-The CSV: one ``path,label`` row per video, paths relative to --videos, labels non-negative integers. A header
-row is recognised under any names (``path,label``, ``video,class``, ...), a spreadsheet's UTF-8 byte-order
-mark is ignored, and lines starting with ``#`` are comments. A path listed twice with the same label is
-written once (with a warning); listed with different labels it is left out.
+Formats (readers in data/formats.py; PATH is the format's annotation file or folder):
+  csv            --labels FILE.csv: ``path,label`` rows, integer labels (the original format, below)
+  ssv2           PATH = the folder of labels.json, train.json, validation.json, test.json (test: unlabelled);
+                 --split train|validation|test; videos <id>.webm
+  kinetics       (k400, k600, k700) PATH = the CSV label,youtube_id,time_start,time_end,split[,is_cc];
+                 videos <youtube_id>_<start:06d>_<end:06d>.mp4 anywhere under --videos; classes = the sorted
+                 labels (or --classes); videos never downloaded are left out and counted
+  msrvtt         PATH = the folder of MSRVTT_data.json [+ MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv];
+                 --split train|validation|test (train = the 9k list when present, test = the 1k-A list)
+  vatex          PATH = the JSON list of {"videoID", "enCap"}; videos <videoID>.mp4
+  imagenet       --videos (or --images) = the split folder of class folders; image shards for BEVT
+  captions-csv   PATH = a ``path,caption`` table (several rows of a path = several captions)
+  captions-json  PATH = {"path": ["caption", ...]} or [{"path", "caption"|"captions"}]
+Recognition samples are KEY.<video> + KEY.cls + KEY.json (the probe's metadata, the source path, ids);
+retrieval samples carry their captions in KEY.json (``{"captions": [...]}``) and no KEY.cls; unlabelled ones
+(ssv2 test) have no KEY.cls. --out also gets classes.txt (index -> name, one a line) where the format has
+classes, and manifest.json: every shard with its samples, bytes and sha256, every entry left out with the
+reason, the command and its inputs.
+
+The csv format: one ``path,label`` row per video, paths relative to --videos, labels non-negative integers. A
+header row is recognised under any names (``path,label``, ``video,class``, ...), a spreadsheet's UTF-8
+byte-order mark is ignored, and lines starting with ``#`` are comments. A path listed twice with the same
+label is written once (with a warning); listed with different labels it is left out.
 
 Every video is opened and its first and last frames decoded, exactly as the trainer decodes them, before it
-is written; one that cannot be read, or has no valid label, is left out and named on stderr with the reason
-(``left out: PATH: why``). The bytes are stored unchanged under a member name the trainer reads
-(``data.shards.VIDEO_EXTENSIONS``): the file's own suffix where it is one, ``mp4`` for .m4v/.3gp/.3g2, ``mov``
-for .qt and ``mkv`` for any other (.mpg, .mpeg, ...); decord tells the container from the bytes, not the name.
+is written (images are decoded whole); one that cannot be read, or has no valid label or caption, is left out
+and named on stderr with the reason (``left out: PATH: why``; the first 20, all of them in manifest.json).
+The bytes are stored unchanged under a member name the trainer reads (``data.shards.VIDEO_EXTENSIONS``): the
+file's own suffix where it is one, ``mp4`` for .m4v/.3gp/.3g2, ``mov`` for .qt and ``mkv`` for any other
+(.mpg, .mpeg, ...); decord tells the container from the bytes, not the name. --short-side S re-encodes every
+video with PyAV to H.264 (yuv420p, crf --crf, its own frame rate, no audio) with its shorter side S (never
+enlarged); --max-seconds T keeps the first T seconds, re-encoding only videos longer than that (unless
+--short-side is also given).
 
---out must hold no .tar files, unless --overwrite is given: then the shards named PREFIX-NNNNNN.tar there are
-replaced (other files are kept). New shards are written to a temporary folder inside --out and moved in only
-once at least one video was written, so a run that writes nothing leaves the old shards as they were.
+--workers N probes and re-encodes with N processes; the shards are the same for any N (items are written in
+input order by this process). A shard closes once it holds --shard-size samples or --shard-size-mb MB, so its
+contents depend only on the input. Each finished shard is recorded in manifest.json (written atomically), and
+re-running the same command after an interruption keeps the finished shards that are there with their
+recorded size and writes only the rest; a different command (other inputs, options or annotation contents)
+is refused, naming what differs.
 
-Exit status: 0 when at least one video was written, 1 when none was, 2 for a usage error.
+--out must hold no .tar files, unless the same command is being resumed or --overwrite is given: then the
+shards named PREFIX-NNNNNN.tar there are replaced (other files are kept) once the first new shard is done, so
+a run that writes nothing leaves the old shards as they were. One --out holds one pack (one prefix).
+
+The last line printed names the shards as a brace pattern, as data.train_shards and friends take them.
+
+Exit status: 0 when at least one sample was written, 1 when none was, 2 for a usage error, 130 when
+interrupted (re-run to resume).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import hashlib
+import io
+import json
+import multiprocessing
 import os
+import platform
 import re
-import shutil
+import shlex
+import signal
 import sys
-import tempfile
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
+from functools import cache
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from data.shards import VIDEO_EXTENSIONS
+from data.formats import (
+    FORMAT_ALIASES,
+    FORMATS,
+    Dataset,
+    FormatError,
+    Item,
+    Rejected,
+    normalise_split,
+    read_classes,
+)
+from data.shards import VIDEO_EXTENSIONS, SkipSample
 from data.video import VideoDecodeError, open_video, read_frames
-from data.writer import write_shards
+from data.writer import ShardTar, sample_members
 
 # Suffixes of one container family the trainer knows under another name: .m4v/.3gp/.3g2 are ISO media files.
 MEMBER_ALIASES = {"m4v": "mp4", "3gp": "mp4", "3g2": "mp4", "qt": "mov"}
 FALLBACK_MEMBER = "mkv"  # the generic name for any other container; decord sniffs the real one
-# Suffixes that mark a CSV cell as a video path rather than a column name (header detection only).
-VIDEO_SUFFIXES = {*VIDEO_EXTENSIONS, *MEMBER_ALIASES, "mpg", "mpeg", "m2v", "ts", "m2ts", "mts", "vob", "flv",
-                  "wmv", "asf", "ogv", "ogg", "mxf", "y4m", "ivf", "dv", "f4v"}  # fmt: skip
+IMAGE_MEMBERS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # Pillow's format -> a member data.images reads
+FALLBACK_IMAGE_MEMBER = "png"  # BMP, GIF, TIFF: stored unchanged; Pillow tells the format from the bytes
+MANIFEST, CLASSES = "manifest.json", "classes.txt"
+MANIFEST_VERSION = 1
+SHOWN = 20  # left-out entries and warnings named on stderr; manifest.json has them all
+WINDOW_PER_WORKER = 4  # items in flight per worker: bounds the decoded bytes waiting in memory
+
+
+class Bar(tqdm):
+    """tqdm without its monitor thread (the bar is updated at every item anyway): no thread outlives a pack,
+    so a later pack in the same process may still fork its workers (``pool_context``)."""
+
+    monitor_interval = 0
 
 
 class UsageError(Exception):
     """A problem with the command line or its inputs: one line to the user, exit status 2."""
 
 
-@dataclass
-class Row:
-    line: int  # line in the CSV, for messages
-    path: str
-    label: str
+# -- what each worker does to one item ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """How items are packed; sent once to each worker process."""
+
+    kind: str  # "video" or "image"
+    short_side: int | None = None
+    max_seconds: float | None = None
+    crf: int = 23
+
+
+_JOB = Job("video")
+
+
+def init_worker(job: Job, pool: bool) -> None:
+    global _JOB
+    _JOB = job
+    if pool:  # Ctrl-C reaches the whole process group: only the main process handles it, and stops the pool
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker would inherit main's handler
 
 
 def probe(data: bytes) -> dict:
@@ -82,71 +165,108 @@ def member_extension(path: str) -> str:
     return MEMBER_ALIASES.get(suffix, FALLBACK_MEMBER)
 
 
-def parse_label(text: str) -> int | None:
+@cache
+def x264_options() -> dict[str, str]:
+    """x264's AVX-512 code reads memory it never wrote for some frame sizes (observed with the x264 of PyAV
+    18 at sides that are no multiple of 16: the same frames gave different bytes from run to run), which
+    would break byte-identical resumed and parallel packs. Capped at AVX2 (as fast here) the output depends
+    on the frames alone."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
     try:
-        value = int(text)
-    except ValueError:
-        return None
-    return value if value >= 0 else None
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    flags = set(
+        next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split()
+    )
+    if any(flag.startswith("avx512") for flag in flags) and {"avx2", "bmi1", "bmi2", "fma", "abm"} <= flags:
+        return {"x264-params": "asm=AVX2"}  # x264's cumulative name: everything up to AVX2, FMA3 and BMI2
+    return {}
 
 
-def read_labels(path: Path, videos: Path) -> tuple[list[Row], Row | None]:
-    """The CSV's data rows and its header row (None without one)."""
+def even(value: float) -> int:
+    return max(2, round(value / 2) * 2)
+
+
+def transcode(data: bytes, short_side: int | None, max_seconds: float | None, crf: int) -> tuple[bytes, dict]:
+    """Re-encode to H.264 mp4 (yuv420p, no audio, the source's frame rate), shorter side ``short_side``
+    (never enlarged; sides rounded to even) and at most ``max_seconds`` long. -> (bytes, the source's size).
+
+    One encoder thread: x264's frame threading makes the bytes depend on the thread count, and the worker
+    processes give the parallelism; with ``x264_options`` the bytes depend on the frames alone.
+    """
+    import av  # only the re-encoding workers need PyAV
+
+    out = io.BytesIO()
+    with av.open(io.BytesIO(data)) as source:
+        streams = [stream for stream in source.streams if stream.type == "video"]
+        if not streams:
+            raise VideoDecodeError("no video stream")
+        video = streams[0]
+        video.thread_type = "AUTO"
+        rate = video.average_rate or video.guessed_rate or Fraction(30)
+        height, width = video.codec_context.height, video.codec_context.width
+        scale = min(1.0, short_side / min(height, width)) if short_side else 1.0
+        size = (
+            even(height * scale),
+            even(width * scale),
+        )  # (height, width); x264 in yuv420p needs even sides
+        with av.open(out, mode="w", format="mp4") as sink:
+            stream = sink.add_stream("libx264", rate=rate)
+            stream.height, stream.width = size
+            stream.pix_fmt = "yuv420p"
+            stream.codec_context.thread_count = 1
+            stream.options = {"crf": str(crf), "preset": "veryfast", **x264_options()}
+            count, start = 0, None
+            for frame in source.decode(video):
+                seconds = frame.time if frame.time is not None else count / float(rate)
+                start = seconds if start is None else start
+                if max_seconds is not None and seconds - start >= max_seconds:
+                    break
+                frame = frame.reformat(width=size[1], height=size[0], format="yuv420p", interpolation="AREA")
+                frame.pts, frame.time_base = count, 1 / Fraction(rate)  # even spacing at the average rate
+                sink.mux(stream.encode(frame))
+                count += 1
+            if count == 0:
+                raise VideoDecodeError("no frames")
+            sink.mux(stream.encode())
+    return out.getvalue(), {"height": height, "width": width}
+
+
+def pack_video(data: bytes, name: str, job: Job) -> tuple[str, bytes, dict]:
+    """(member extension, bytes, metadata) of one video as it will be stored; raises VideoDecodeError."""
+    if job.short_side is None and job.max_seconds is None:
+        return member_extension(name), data, probe(data)
+    if job.short_side is None:  # only trimming: a short enough video is stored as it is
+        meta = probe(data)
+        if meta["fps"] > 0 and meta["frames"] <= job.max_seconds * meta["fps"]:
+            return member_extension(name), data, meta
     try:
-        # utf-8-sig drops the byte-order mark spreadsheets write, which would otherwise join the first cell
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            rows = [
-                Row(reader.line_num, cells[0].strip(), cells[1].strip() if len(cells) > 1 else "")
-                for cells in reader
-                if any(cell.strip() for cell in cells) and not cells[0].lstrip().startswith("#")
-            ]
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"--labels: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except csv.Error as exc:
-        raise UsageError(f"--labels: {path} is not a readable CSV: {exc}") from exc
-    if rows and is_header(rows[0], videos):
-        return rows[1:], rows[0]
-    return rows, None
+        encoded, source = transcode(data, job.short_side, job.max_seconds, job.crf)
+    except Exception as exc:  # any PyAV failure is this video's, never the run's
+        probe(data)  # decord's reason, worded for people, where decord cannot read it either
+        raise VideoDecodeError(f"PyAV cannot re-encode it: {str(exc)[:200]}") from exc
+    meta = probe(encoded)
+    meta["reencoded_from"] = source
+    return "mp4", encoded, meta
 
 
-def is_header(row: Row, videos: Path) -> bool:
-    """A first row is a header when its label is no integer and its path cell names no video: not a file
-    there, and no video suffix (a video with a bad label stays a data row, reported as such)."""
-    if parse_label(row.label) is not None or not row.path:
-        return False
-    suffix = Path(row.path).suffix.lstrip(".").lower()
-    return not (videos / row.path).is_file() and suffix not in VIDEO_SUFFIXES
+def pack_image(data: bytes) -> tuple[str, bytes, dict]:
+    """(member extension, bytes, metadata) of one image, decoded whole as a check; raises SkipSample."""
+    from PIL import Image, UnidentifiedImageError
 
+    from data.images import DECODE_ERRORS, decode_image
 
-def group_rows(rows: list[Row]) -> dict[str, list[Row]]:
-    """Rows by normalised path ("./a.mp4" and "a.mp4" are one video), in first-listed order."""
-    groups: dict[str, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(os.path.normpath(row.path) if row.path else "", []).append(row)
-    return groups
-
-
-def lines(rows: list[Row]) -> str:
-    return ", ".join(str(row.line) for row in rows)
-
-
-def choose_label(path: str, rows: list[Row], left_out: list[str], warnings: list[str]) -> int | None:
-    """The one label of a video listed in ``rows``, or None (reason added to ``left_out``)."""
-    # "3" and "03" are one label; text labels are compared as written
-    values = {label if (label := parse_label(row.label)) is not None else row.label for row in rows}
-    if len(values) > 1:
-        listed = ", ".join(f"{row.label!r} (line {row.line})" for row in rows)
-        left_out.append(f"{path}: listed with conflicting labels {listed}; fix the CSV to keep it")
-        return None
-    label = parse_label(rows[0].label)
-    if label is None:
-        left_out.append(f"{path}: label {rows[0].label!r} (line {lines(rows)}) is not a non-negative integer")
-        return None
-    if len(rows) > 1:
-        times = f"{len(rows)} times (lines {lines(rows)})"
-        warnings.append(f"{path} is listed {times} with label {label}; written once")
-    return label
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            (width, height), kind = image.size, image.format
+    except UnidentifiedImageError as exc:
+        raise SkipSample("decode_error", "not in an image format Pillow can read") from exc
+    except DECODE_ERRORS as exc:
+        raise SkipSample("decode_error", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+    decode_image(data, max(width, height))  # at full size: a truncated file fails here, not in training
+    return IMAGE_MEMBERS.get(kind, FALLBACK_IMAGE_MEMBER), data, {"width": width, "height": height}
 
 
 def read_error(exc: OSError) -> str:
@@ -159,29 +279,85 @@ def read_error(exc: OSError) -> str:
     return f"cannot be read: {exc.strerror or exc}"
 
 
-def samples(
-    videos: Path, groups: dict[str, list[Row]], left_out: list[str], warnings: list[str], written: list[str]
-) -> Iterator[tuple]:
-    """(key, member extension, bytes, label, metadata) for every video that has one label and decodes."""
-    for index, (relative, rows) in enumerate(groups.items()):
-        if not relative:
-            left_out.append(f"line {lines(rows)}: no path")
-            continue
-        label = choose_label(relative, rows, left_out, warnings)
-        if label is None:
-            continue
-        try:
-            data = (videos / relative).read_bytes()
-            meta = probe(data)
-        except OSError as exc:
-            left_out.append(f"{relative}: {read_error(exc)}")
-            continue
-        except VideoDecodeError as exc:
-            left_out.append(f"{relative}: {exc}")
-            continue
-        meta["path"] = relative
-        written.append(relative)
-        yield f"{index:08d}_{Path(relative).stem}", member_extension(relative), data, label, meta
+def pack_item(task: tuple[int, str, str]) -> tuple[int, tuple]:
+    """One item, in a worker -> (index, ("ok", extension, bytes, metadata) or ("rejected", kind, why))."""
+    index, path, name = task
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        kind = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
+        return index, ("rejected", kind, read_error(exc))
+    try:
+        if _JOB.kind == "image":
+            return index, ("ok", *pack_image(data))
+        return index, ("ok", *pack_video(data, name, _JOB))
+    except (VideoDecodeError, SkipSample) as exc:
+        return index, ("rejected", "undecodable", str(exc))
+    except Exception as exc:  # a decoder's unexpected failure is this item's, never the whole pack's
+        return index, ("rejected", "undecodable", f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+START_METHOD: str | None = None  # None: chosen by pool_context; tests set "forkserver" to cover that path
+
+
+def pool_context():
+    """fork where it is safe: on Linux, with no other Python thread running (fork copies only the calling
+    thread, so no other thread's lock can be left held in a worker), which starts workers with nothing to
+    import. Otherwise the workers fork from a server process that imports the decoders (decord, PyAV,
+    Pillow, torch) once, about a second; this module itself is not preloaded: run as ``-m
+    launch.make_shards`` it is each worker's ``__main__``, which multiprocessing imports afresh."""
+    methods = multiprocessing.get_all_start_methods()
+    method = START_METHOD
+    if method is None:
+        alone = sys.platform == "linux" and threading.active_count() == 1
+        method = (
+            "fork" if alone and "fork" in methods else "forkserver" if "forkserver" in methods else "spawn"
+        )
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["data.formats", "data.images", "data.shards", "data.video", "av"])
+    return context
+
+
+@contextmanager
+def worker_pool(job: Job, workers: int):
+    """The worker processes (None for ``workers`` = 1: items are packed in this process)."""
+    if workers == 1:
+        init_worker(job, pool=False)
+        yield None
+        return
+    with pool_context().Pool(workers, initializer=init_worker, initargs=(job, True)) as pool:
+        yield pool
+
+
+def packed(items: list[Item], start: int, pool, workers: int) -> Iterator[tuple[int, tuple]]:
+    """``pack_item`` of items[start:], in input order, on ``pool`` (None: in this process).
+
+    Pool.imap would read the whole task list ahead and keep every result it gets ahead of the writer in
+    memory; a semaphore released by the writer keeps WINDOW_PER_WORKER items per worker in flight.
+    """
+    tasks = ((index, str(items[index].path), items[index].name) for index in range(start, len(items)))
+    if pool is None:
+        yield from map(pack_item, tasks)
+        return
+    window, stop = threading.Semaphore(workers * WINDOW_PER_WORKER), threading.Event()
+
+    def feed():
+        for task in tasks:
+            while not window.acquire(timeout=0.1):  # never block for good: terminate() joins this thread
+                if stop.is_set():
+                    return
+            yield task
+
+    try:
+        for result in pool.imap(pack_item, feed()):
+            window.release()
+            yield result
+    finally:
+        stop.set()
+
+
+# -- the output folder: manifest, resuming, refusing --------------------------------------------------------
 
 
 def own_shards(out: Path, prefix: str) -> list[Path]:
@@ -190,92 +366,515 @@ def own_shards(out: Path, prefix: str) -> list[Path]:
     return sorted(path for path in out.glob("*.tar") if pattern.fullmatch(path.name) and path.is_file())
 
 
-def check_out(out: Path, prefix: str, overwrite: bool) -> None:
+def shard_name(prefix: str, number: int) -> str:
+    return f"{prefix}-{number:06d}.tar"
+
+
+def sync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a power cut after it must not bring the old name back)."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    sync_dir(path.parent)
+
+
+def load_manifest(out: Path) -> dict | None:
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # none, or not ours: the .tar rule decides
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("inputs"), dict) else None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(args: argparse.Namespace, dataset: Dataset, annotations: Path | None) -> dict:
+    """What makes two runs the same command: the resume check compares this, key by key."""
+    digest = hashlib.sha256()
+    for item in dataset.items:  # the items as listed, with their files' sizes: a changed video changes it
+        fields = [item.key, item.name, item.size, item.label, item.captions, item.meta]
+        digest.update(json.dumps(fields, sort_keys=True).encode() + b"\n")
+    files = [*dataset.sources, *([args.classes] if args.classes else [])]
+    reencode = args.short_side is not None or args.max_seconds is not None
+    inputs = {
+        "version": MANIFEST_VERSION,
+        "format": args.format,
+        "split": args.split,
+        "videos": str(args.videos.resolve()),
+        "annotations": str(annotations.resolve()) if annotations else None,
+        "classes": str(args.classes.resolve()) if args.classes else None,
+        "files": {str(path.resolve()): sha256_file(path) for path in files},
+        "prefix": args.prefix,
+        "shard_size": args.shard_size,
+        "shard_size_mb": args.shard_size_mb,
+        "short_side": args.short_side,
+        "max_seconds": args.max_seconds,
+        "crf": args.crf if reencode else None,
+        "items": len(dataset.items),
+        "items_sha256": digest.hexdigest(),
+    }
+    return json.loads(json.dumps(inputs))  # as it reads back from the manifest (tuples -> lists, ...)
+
+
+OPTION_NAMES = {
+    "version": "the manifest version",
+    "format": "--format",
+    "split": "--split",
+    "videos": "--videos",
+    "annotations": "the annotations",
+    "classes": "--classes",
+    "prefix": "--prefix",
+    "shard_size": "--shard-size",
+    "shard_size_mb": "--shard-size-mb",
+    "short_side": "--short-side",
+    "max_seconds": "--max-seconds",
+    "crf": "--crf",
+}
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """How the inputs recorded in a manifest differ from this command's, in words."""
+    text = lambda value: "not given" if value is None else repr(value)
+    found = [
+        f"{name} {text(old.get(key))} before, {text(new.get(key))} now"
+        for key, name in OPTION_NAMES.items()
+        if old.get(key) != new.get(key)
+    ]
+    old_files, new_files = old.get("files") or {}, new["files"]
+    for path in sorted(set(old_files) | set(new_files)):
+        if old_files.get(path) != new_files.get(path):
+            state = "changed" if path in old_files and path in new_files else "was not read before"
+            found.append(f"{Path(path).name} {state if path in new_files else 'is not read now'}")
+    if (old.get("items"), old.get("items_sha256")) != (new["items"], new["items_sha256"]) and not found:
+        found.append(
+            f"the items listed or their files' sizes changed ({old.get('items')} items before, "
+            f"{new['items']} now)"
+        )
+    return found
+
+
+def plan_out(out: Path, prefix: str, overwrite: bool, inputs: dict) -> list[dict] | None:
+    """The finished shards to keep when this run resumes the same command, or None for a fresh pack;
+    raises UsageError when --out may not be written."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} exists and is not a directory")
+    manifest = load_manifest(out) if out.is_dir() else None
+    if manifest is not None and manifest["inputs"] == inputs:
+        return list(manifest.get("shards", []))
+    old_prefix = manifest["inputs"].get("prefix") if manifest else None
+    if old_prefix and old_prefix != prefix and own_shards(out, old_prefix):
+        raise UsageError(
+            f"--out: {out} holds the pack of --prefix {old_prefix} ({old_prefix}-NNNNNN.tar, {MANIFEST}); "
+            "pack each split into its own --out"
+        )
     tars = sorted(out.glob("*.tar")) if out.is_dir() else []
     if tars and not overwrite:
         names = ", ".join(path.name for path in tars[:3]) + (", ..." if len(tars) > 3 else "")
         files = f"{len(tars)} .tar file{'s' * (len(tars) > 1)}"
+        other = ""
+        if manifest is not None:
+            unfinished = "an unfinished pack" if manifest.get("status") != "complete" else "the pack"
+            other = (
+                f" ({unfinished} of another command: {'; '.join(differences(manifest['inputs'], inputs))})"
+            )
         raise UsageError(
-            f"--out: {out} already holds {files} ({names}); pass --overwrite to replace the "
+            f"--out: {out} already holds {files} ({names}){other}; pass --overwrite to replace the "
             f"shards named {prefix}-NNNNNN.tar there, or choose an empty --out"
         )
+    return None
+
+
+def verify(out: Path, shards: list[dict]) -> tuple[list[dict], str | None]:
+    """The recorded shards still there with their recorded size, up to the first that is not (and why)."""
+    for number, record in enumerate(shards):
+        path = out / record["name"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != record["bytes"]:
+            found = "missing" if size is None else f"{size} bytes, not the recorded {record['bytes']}"
+            return shards[:number], f"{record['name']} is {found}: writing from it on"
+    return shards, None
+
+
+@contextmanager
+def locked(out: Path):
+    """One make_shards at a time per --out (a second would interleave shards and manifests)."""
+    import fcntl
+
+    path = out / ".make_shards.lock"
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise UsageError(f"--out: another make_shards is writing into {out}") from exc
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+class Pack:
+    """The shards of one pack and its manifest, committed shard by shard (tar first, then the manifest)."""
+
+    def __init__(self, args, dataset: Dataset, inputs: dict, finished: list[dict]):
+        self.args, self.dataset, self.inputs = args, dataset, inputs
+        self.out, self.prefix = args.out, args.prefix
+        self.shards = finished
+        self.trailing: list[Rejected] = []  # left out after the last shard's last sample
+        self.claimed = False
+
+    @property
+    def samples(self) -> int:
+        return sum(record["samples"] for record in self.shards)
+
+    def rejected(self) -> list[dict]:
+        listed = [entry.to_json() for entry in self.dataset.rejected]
+        listed += [entry for record in self.shards for entry in record["rejected"]]
+        return listed + [entry.to_json() for entry in self.trailing]
+
+    def manifest(self, status: str) -> dict:
+        return {
+            "version": MANIFEST_VERSION,
+            "status": status,
+            "command": shlex.join(["python", "-m", "launch.make_shards", *self.args.argv]),
+            "format": self.args.format,
+            "split": self.args.split,
+            "kind": self.dataset.kind,
+            "classes": len(self.dataset.classes) if self.dataset.classes is not None else None,
+            "entries": self.dataset.total,
+            "samples": self.samples,
+            "shards": self.shards,
+            "rejected": self.rejected(),
+            "warnings": self.dataset.warnings,
+            "inputs": self.inputs,
+        }
+
+    def write_manifest(self, status: str = "running") -> None:
+        write_atomic(self.out / MANIFEST, json.dumps(self.manifest(status), indent=1) + "\n")
+
+    def claim(self, keep: Path | None = None) -> None:
+        """Make --out this pack's, once, before its first new shard moves in: record the command, then
+        remove the shards it does not record (an earlier pack's, or the unrecorded last shard of an
+        interrupted run) and unfinished files; write classes.txt."""
+        if self.claimed:
+            return
+        self.write_manifest()
+        recorded = {record["name"] for record in self.shards}
+        for path in own_shards(self.out, self.prefix):
+            if path.name not in recorded:
+                path.unlink()
+        for path in self.out.glob(f".{self.prefix}-*.tar.partial"):
+            if path != keep:
+                path.unlink()
+        if self.dataset.classes is not None:
+            write_atomic(self.out / CLASSES, "".join(f"{name}\n" for name in self.dataset.classes))
+        else:  # an earlier pack's class names would describe shards no longer there
+            (self.out / CLASSES).unlink(missing_ok=True)
+        self.claimed = True
+
+    def partial(self) -> ShardTar:
+        return ShardTar(self.out / f".{shard_name(self.prefix, len(self.shards))}.partial")
+
+    def commit(self, shard: ShardTar, first: int, end: int, rejected: list[Rejected]) -> dict:
+        """Finish ``shard``, holding items[first:end] but ``rejected``, move it in and record it."""
+        size, digest = shard.close(sync=True)
+        self.claim(keep=shard.path)
+        name = shard_name(self.prefix, len(self.shards))
+        os.replace(shard.path, self.out / name)
+        sync_dir(self.out)  # the shard is in place for good before the manifest says so
+        record = {
+            "name": name,
+            "samples": shard.count,
+            "bytes": size,
+            "sha256": digest,
+            "items": [first, end],
+            "rejected": [entry.to_json() for entry in rejected],
+        }
+        self.shards.append(record)
+        self.write_manifest()
+        return record
+
+    def finish(self) -> None:
+        if self.samples:
+            self.claim()
+            self.write_manifest("complete")
+
+
+def run_pack(pack: Pack, job: Job, workers: int, start: int) -> set[tuple[str, str]]:
+    """Pack items[start:] into shards. -> the (suffix, member) renames of videos stored under another name."""
+    args, items, unit = pack.args, pack.dataset.items, pack.dataset.kind
+    limit_count = args.shard_size or 1 << 62
+    limit_bytes = int(args.shard_size_mb * 2**20)
+    renamed: set[tuple[str, str]] = set()
+    shard: ShardTar | None = None
+    first, rejected = start, []
+    left_out = len(pack.rejected())  # counted as it grows: listing them per item would be quadratic
+    with worker_pool(job, workers) as pool:
+        began = time.monotonic()
+        bar = Bar(
+            total=len(items), initial=start, unit=unit, dynamic_ncols=True, disable=not sys.stderr.isatty()
+        )
+        try:
+            with closing(packed(items, start, pool, workers)) as results:
+                for index, result in results:
+                    item = items[index]
+                    bar.update(1)
+                    if result[0] == "rejected":
+                        where = item.name if item.name != item.ident else None
+                        rejected.append(Rejected(item.ident, result[1], result[2], where))
+                        left_out += 1
+                        bar.set_postfix(shards=len(pack.shards), left_out=left_out, refresh=False)
+                        continue
+                    _, extension, data, probed = result
+                    meta = {**probed, "path": item.name, **item.meta}
+                    if item.captions is not None:
+                        meta["captions"] = item.captions
+                    if unit == "video" and "reencoded_from" not in meta:
+                        renamed.add((Path(item.name).suffix.lower(), extension))
+                    shard = shard or pack.partial()
+                    shard.add(item.key, sample_members(extension, data, item.label, meta))
+                    # closed once full, not when the next sample comes: a full shard is committed at once
+                    if shard.count >= limit_count or shard.size >= limit_bytes:
+                        record = pack.commit(shard, first, index + 1, rejected)
+                        shard, first, rejected = None, index + 1, []
+                        report(record, index + 1 - start, len(items) - index - 1, began, unit)
+                        bar.set_postfix(shards=len(pack.shards), left_out=left_out, refresh=False)
+            if shard is not None:
+                record = pack.commit(shard, first, len(items), rejected)
+                shard, rejected = None, []
+                report(record, len(items) - start, 0, began, unit)
+            pack.trailing = rejected
+        finally:
+            bar.close()
+            if shard is not None:  # interrupted inside a shard: its unfinished file goes
+                shard.discard()
+    return renamed
+
+
+def report(record: dict, done: int, left: int, began: float, unit: str) -> None:
+    """One line per finished shard (also in logs, where no progress bar is drawn)."""
+    rate = done / max(time.monotonic() - began, 1e-9)
+    eta = tqdm.format_interval(left / rate) if rate > 0 else "?"
+    tqdm.write(
+        f"{record['name']}: {record['samples']} {unit}s, {record['bytes'] / 2**20:.1f} MiB; "
+        f"{rate:.1f} {unit}s/s, {left} left, ETA {eta}",
+        file=sys.stderr,
+    )
+
+
+# -- the command line ---------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m launch.make_shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--videos", required=True, type=Path, help="folder the CSV paths are relative to")
-    parser.add_argument("--labels", required=True, type=Path, help="CSV of path,label (header optional)")
+    names = sorted([*FORMATS, *FORMAT_ALIASES])
+    parser.add_argument("--format", default="csv", choices=names, help="the annotation format (default csv)")
+    parser.add_argument(
+        "--videos", "--images", required=True, type=Path, help="the media folder the annotations name"
+    )
+    parser.add_argument("--labels", type=Path, help="--format csv: CSV of path,label (header optional)")
+    parser.add_argument("--annotations", type=Path, help="the format's annotation file or folder")
+    parser.add_argument("--split", help="train, validation or test, for formats with splits")
+    parser.add_argument(
+        "--classes", type=Path, help="classes.txt giving the class indices (kinetics, imagenet)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="folder for the shards; must hold no .tar")
-    parser.add_argument("--shard-size-mb", type=float, default=1024.0)
     parser.add_argument("--prefix", default="shard", help="shards are named PREFIX-000000.tar, ...")
+    parser.add_argument("--shard-size-mb", type=float, default=1024.0, help="close a shard at this size")
+    parser.add_argument("--shard-size", type=int, help="close a shard at this many samples")
+    parser.add_argument("--workers", type=int, default=1, help="processes probing and re-encoding")
+    parser.add_argument("--short-side", type=int, help="re-encode videos to this shorter side (even)")
+    parser.add_argument("--max-seconds", type=float, help="keep at most this many seconds of each video")
+    parser.add_argument(
+        "--crf", type=int, default=23, help="x264 quality when re-encoding (0-51, lower=better)"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the PREFIX-NNNNNN.tar shards already in --out"
     )
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.format = FORMAT_ALIASES.get(args.format, args.format)
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:  # a killed job (SLURM's SIGTERM) stops as cleanly as Ctrl-C: the partial shard is removed
+        signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(args)
-    except UsageError as exc:
+    except (UsageError, FormatError) as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def annotation_path(args: argparse.Namespace, spec) -> Path | None:
+    """The annotation file or folder of --format, checked; raises UsageError."""
+    if args.labels is not None and args.format != "csv":
+        raise UsageError(f"--labels is the csv format's; --format {args.format} reads --annotations")
+    path = args.labels if args.labels is not None else args.annotations
+    option = "--labels" if args.labels is not None or args.format == "csv" else "--annotations"
+    if spec.annotations is None:
+        if path is not None:
+            raise UsageError(f"--format {args.format} reads no annotations (its classes are the folders)")
+        return None
+    if path is None:
+        needs = "--labels FILE.csv" if args.format == "csv" else f"--annotations {spec.annotations.upper()}"
+        raise UsageError(f"--format {args.format} needs {needs}")
+    if not path.exists():
+        raise UsageError(f"{option}: {path} does not exist")
+    if spec.annotations == "folder" and not path.is_dir():
+        raise UsageError(f"{option}: {path} is not a folder (--format {args.format} reads a folder of files)")
+    if spec.annotations == "file" and not path.is_file():
+        raise UsageError(f"{option}: {path} is not a file")
+    return path
+
+
+def check_args(args: argparse.Namespace, spec) -> None:
+    if not args.videos.is_dir():
+        raise UsageError(f"--videos: {args.videos} is not a directory")
+    if not args.prefix or "/" in args.prefix or os.sep in args.prefix:
+        raise UsageError(f"--prefix: {args.prefix!r} must be a non-empty file name prefix")
+    args.split = normalise_split(args.split)
+    if spec.splits is None and args.split:
+        raise UsageError(f"--format {args.format} has no splits; leave out --split")
+    if spec.split_required and not args.split:
+        raise UsageError(f"--format {args.format} needs --split {'|'.join(spec.splits)}")
+    if spec.splits and args.split not in spec.splits:
+        raise UsageError(f"--split: {args.split!r} is not one of {', '.join(spec.splits)}")
+    if args.classes is not None and spec.own_classes:
+        raise UsageError(
+            f"--format {args.format} reads its classes from its annotations; leave out --classes"
+        )
+    if args.workers < 1:
+        raise UsageError(f"--workers: {args.workers} must be at least 1")
+    if args.shard_size is not None and args.shard_size < 1:
+        raise UsageError(f"--shard-size: {args.shard_size} must be at least 1")
+    if not args.shard_size_mb > 0:
+        raise UsageError(f"--shard-size-mb: {args.shard_size_mb} must be positive")
+    if args.short_side is not None and (args.short_side < 2 or args.short_side % 2):
+        raise UsageError(f"--short-side: {args.short_side} must be even and positive (H.264 in yuv420p)")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise UsageError(f"--max-seconds: {args.max_seconds} must be positive")
+    if not 0 <= args.crf <= 51:
+        raise UsageError(f"--crf: {args.crf} must be within 0-51")
+    if spec.kind == "image" and (args.short_side is not None or args.max_seconds is not None):
+        raise UsageError(
+            f"--short-side and --max-seconds re-encode videos; --format {args.format} packs images"
+        )
+
+
+def shown(lines: list[str]) -> list[str]:
+    """At most SHOWN lines, then how many more manifest.json holds."""
+    more = len(lines) - SHOWN
+    return lines[:SHOWN] + ([f"... and {more} more (all in {MANIFEST})"] if more > 0 else [])
+
+
+def named(entry: dict) -> str:
+    return entry["item"] + (f" ({entry['path']})" if entry.get("path") else "")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.videos.is_dir():
-        raise UsageError(f"--videos: {args.videos} is not a directory")
-    if not args.labels.is_file():
-        raise UsageError(f"--labels: {args.labels} does not exist")
-    if not args.prefix or "/" in args.prefix or os.sep in args.prefix:
-        raise UsageError(f"--prefix: {args.prefix!r} must be a non-empty file name prefix")
-    check_out(args.out, args.prefix, args.overwrite)
-    rows, header = read_labels(args.labels, args.videos)
-    if header:
-        print(f"note: line {header.line} {header.path!r},{header.label!r} read as a header", file=sys.stderr)
-    groups = group_rows(rows)
-
-    left_out: list[str] = []
-    warnings: list[str] = []
-    written: list[str] = []
-    args.out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.prefix}-staging-", dir=args.out))
+    spec = FORMATS[args.format]
+    check_args(args, spec)
+    annotations = annotation_path(args, spec)
+    classes = None
+    if args.classes is not None:
+        try:
+            classes = read_classes(args.classes)
+        except FormatError as exc:
+            raise UsageError(f"--classes: {exc}") from exc
+    option = "--labels" if args.format == "csv" else "--annotations"
     try:
-        staged = write_shards(
-            samples(args.videos, groups, left_out, warnings, written),
-            staging,
-            args.prefix,
-            max_bytes=int(args.shard_size_mb * 2**20),
-        )
-        shards: list[Path] = []
-        if written:  # only now replace the old shards: a run that writes nothing keeps them
-            for old in own_shards(args.out, args.prefix):
-                old.unlink()
-            for shard in staged:
-                shards.append(shard.replace(args.out / shard.name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        dataset = spec.reader(args.videos, annotations, args.split, classes)
+    except FormatError as exc:
+        raise UsageError(f"{option}: {exc}") from exc
+    inputs = fingerprint(args, dataset, annotations)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out: {args.out} exists and is not a directory")
+    unit = dataset.kind
+    args.out.mkdir(parents=True, exist_ok=True)
+    with locked(args.out):
+        finished = plan_out(args.out, args.prefix, args.overwrite, inputs)
+        for line in dataset.notes:
+            print(f"note: {line}", file=sys.stderr)
+        for line in shown(dataset.warnings):
+            print(f"warning: {line}", file=sys.stderr)
+        kept = 0
+        if finished is not None:
+            finished, problem = verify(args.out, finished)
+            if problem:
+                print(f"warning: {problem}", file=sys.stderr)
+            kept = len(finished)
+        pack = Pack(args, dataset, inputs, finished or [])
+        start = finished[-1]["items"][1] if finished else 0
+        if kept and start >= len(dataset.items):
+            print(
+                f"note: the {kept} shards of this command are all there; nothing left to write",
+                file=sys.stderr,
+            )
+        elif kept:
+            print(f"note: resuming: keeping {kept} finished shards ({pack.samples} {unit}s)", file=sys.stderr)
+        job = Job(unit, args.short_side, args.max_seconds, args.crf)
+        try:
+            renamed = run_pack(pack, job, args.workers, start)
+        except KeyboardInterrupt:
+            print(
+                f"interrupted: {len(pack.shards)} finished shards ({pack.samples} {unit}s) are kept in "
+                f"{args.out}; re-run the same command to write the rest",
+                file=sys.stderr,
+            )
+            return 130
+        pack.finish()
 
-    for line in warnings:
-        print(f"warning: {line}", file=sys.stderr)
-    renamed = sorted(
-        {(Path(path).suffix.lower(), member_extension(path)) for path in written}
-        - {(f".{ext}", ext) for ext in VIDEO_EXTENSIONS}
-    )
-    for suffix, member in renamed:
+    renamed -= {(f".{ext}", ext) for ext in VIDEO_EXTENSIONS}
+    for suffix, member in sorted(renamed):
         print(
             f"note: {suffix or 'suffix-less'} videos are stored as .{member} members (the trainer reads only "
             f"{', '.join(VIDEO_EXTENSIONS)}; the bytes are unchanged)",
             file=sys.stderr,
         )
-    for line in left_out:
+    left_out = pack.rejected()
+    for line in shown([f"{named(entry)}: {entry['reason']}" for entry in left_out]):
         print(f"left out: {line}", file=sys.stderr)
+    kinds = Counter(entry["kind"] for entry in left_out)
+    breakdown = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    where = f"; see {args.out / MANIFEST}" if pack.samples else ""
     print(
-        f"wrote {len(written)} of {len(groups)} videos into {len(shards)} shards under {args.out}"
-        + (f"; left out {len(left_out)} (listed above)" if left_out else "")
+        f"wrote {pack.samples} of {dataset.total} {unit}s into {len(pack.shards)} shards under {args.out}"
+        + (f" ({kept} kept from an earlier run)" if kept else "")
+        + (f"; left out {len(left_out)}: {breakdown}{where}" if left_out else "")
     )
-    return 0 if written else 1
+    if pack.shards:  # what a config's data.*_shards takes
+        last = len(pack.shards) - 1
+        names = shard_name(args.prefix, 0) if last == 0 else f"{args.prefix}-{{000000..{last:06d}}}.tar"
+        print(f"shards: {args.out / names}")
+    return 0 if pack.samples else 1
 
 
 if __name__ == "__main__":

@@ -197,7 +197,9 @@ def test_out_with_shards_is_refused_unless_overwrite_which_replaces_only_its_pre
     capsys.readouterr()
     assert make(tmp_path, {"v0.mp4": videos["v0.mp4"]}, "v0.mp4,5\n", "--overwrite") == 0
     assert "wrote 1 of 1 videos into 1 shards" in capsys.readouterr().out
-    assert sorted(path.name for path in out_dir.iterdir()) == ["other.tar", "shard-000000.tar"]
+    # the old pack's shards are gone, its manifest replaced; no staging or lock file is left behind
+    names = sorted(path.name for path in out_dir.iterdir())
+    assert names == ["manifest.json", "other.tar", "shard-000000.tar"]
     assert (out_dir / "other.tar").read_bytes() == b"not ours"
     assert read_back(out_dir) == {"v0.mp4": ("mp4", 5)}
 
