@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,34 @@ def tiny_shards(tmp_path_factory) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@dataclass
+class TrainedRun:
+    """A finished tiny run: its run directory and the overrides it was trained (and is evaluated) with."""
+
+    run_dir: Path
+    overrides: list[str]
+    eval_shards: Path
+    """The folder of its evaluation shards, beside a classes.txt."""
+    classes: list[str]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_shards, tmp_path_factory) -> TrainedRun:
+    """One tiny run trained once (4 steps; final evaluation of 2 clips per video with the temporal check),
+    its evaluation shards beside a classes.txt naming the synthetic motions."""
+    from data.synthetic import MOTIONS
+
+    root = tmp_path_factory.mktemp("trained")
+    eval_shards = root / "eval_shards"
+    eval_shards.mkdir()
+    for shard in tiny_shards.glob("test-*.tar"):
+        shutil.copy(shard, eval_shards / shard.name)
+    (eval_shards / "classes.txt").write_text("\n".join(MOTIONS) + "\n")
+    extra = {"data.eval_shards": str(eval_shards / "test-{000000..000001}.tar"), "data.eval_clips": 2}
+    run_dir = root / "run"
+    overrides = tiny_overrides(tiny_shards, run_dir, **extra)
+    result = launch(overrides, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return TrainedRun(run_dir, overrides, eval_shards, list(MOTIONS))

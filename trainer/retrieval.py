@@ -7,7 +7,10 @@ video-to-text takes, for each video, the best rank any of its captions reaches a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +36,12 @@ def rank_summary(ranks: np.ndarray, prefix: str) -> dict:
     }
 
 
+def caption_ranks(sim: np.ndarray, text_video: np.ndarray) -> np.ndarray:
+    """(Nt,) 1-based rank of each caption's own video among all videos, by similarity (see below)."""
+    true = sim[np.arange(sim.shape[0]), text_video]  # (Nt,)
+    return (sim >= true[:, None]).sum(1)
+
+
 def retrieval_metrics(sim: np.ndarray, text_video: np.ndarray) -> dict:
     """Both directions' metrics from text-to-video similarities.
 
@@ -41,9 +50,8 @@ def retrieval_metrics(sim: np.ndarray, text_video: np.ndarray) -> dict:
         text_video: (Nt,) the index of each caption's video.
     A tie with the true match counts against it (a constant model scores rank Nv, not 1).
     """
-    num_texts = sim.shape[0]
-    true = sim[np.arange(num_texts), text_video]  # (Nt,)
-    t2v = (sim >= true[:, None]).sum(1)  # (Nt,)
+    true = sim[np.arange(sim.shape[0]), text_video]  # (Nt,)
+    t2v = caption_ranks(sim, text_video)
     v2t = []
     for video in range(sim.shape[1]):
         column = sim[:, video]  # every caption against this video
@@ -74,8 +82,47 @@ def score_in_chunks(
     return rows
 
 
+@dataclass
+class RetrievalScores:
+    """The full caption-to-video similarity matrix (the same on every rank) and what was encoded."""
+
+    video_keys: list[str]
+    """The videos, each once, in key order."""
+    text_keys: list[tuple[str, int]]
+    """The captions as (video key, caption index), in that order."""
+    sim: np.ndarray
+    """(Nt, Nv) similarities."""
+    text_video: np.ndarray
+    """(Nt,) the index of each caption's video in ``video_keys``."""
+    counts: dict
+    """``encoded_videos``, ``encoded_captions`` and the skipped samples."""
+
+    def metrics(self) -> dict:
+        """The metrics of ``retrieval_metrics``, ``num_videos``, ``num_captions``, what the ranks encoded and
+        the skipped samples."""
+        if not self.video_keys:
+            return {"num_videos": 0, "num_captions": 0, **self.counts}
+        return {
+            **retrieval_metrics(self.sim, self.text_video),
+            "num_videos": len(self.video_keys),
+            "num_captions": len(self.text_keys),
+            **self.counts,
+        }
+
+    def write(self, out: Path, names: list[str] | None = None) -> dict:
+        """Write ``caption_ranks.jsonl``: each caption's video key, caption index, the rank of its video
+        (text-to-video) and the 5 best videos. Adds nothing to eval.json."""
+        ranks = caption_ranks(self.sim, self.text_video)
+        best = np.argsort(-self.sim, axis=1, kind="stable")[:, :5]  # (Nt, 5)
+        with open(out / "caption_ranks.jsonl", "w") as handle:
+            for (key, index), rank, top in zip(self.text_keys, ranks, best, strict=True):
+                record = {"key": key, "caption": index, "rank": int(rank)}
+                handle.write(json.dumps({**record, "top5": [self.video_keys[v] for v in top]}) + "\n")
+        return {}
+
+
 @torch.no_grad()
-def evaluate_retrieval(
+def gather_retrieval_scores(
     encode_video: Callable[[torch.Tensor], torch.Tensor],
     encode_text: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -85,9 +132,9 @@ def evaluate_retrieval(
     dtype: torch.dtype,
     order: str = "original",
     seed: int = 0,
-) -> dict:
+) -> RetrievalScores:
     """Encode this rank's videos and their captions, share the videos, score this rank's captions against all
-    of them, share the rows, and compute the metrics (the same on every rank).
+    of them, and share the rows (the same ``RetrievalScores`` on every rank).
 
     Args:
         encode_video: (B, T, 3, H, W) normalised clips -> (B, T, E) frame embeddings.
@@ -95,8 +142,6 @@ def evaluate_retrieval(
         score: videos (Bv, T, E), texts (Bt, L, E), masks (Bt, L) -> (Bt, Bv) similarities.
         batches: evaluation batches (one view per video) with ``text_ids``, ``text_mask``, ``text_video``.
         filler: a batch of the same layout run (and discarded) while other ranks still have data.
-    Returns:
-        The metrics of ``retrieval_metrics``, ``num_videos``, ``num_captions`` and the skipped samples.
     """
     generator = torch.Generator().manual_seed(seed)
     keys, videos, text_keys, texts, masks = [], [], [], [], []
@@ -126,7 +171,7 @@ def evaluate_retrieval(
     counts = skip_counts(rank_skips for _, _, rank_skips in gathered)
     ordered = sorted(merged)
     if not ordered:
-        return {"num_videos": 0, "num_captions": 0, **counts}
+        return RetrievalScores([], [], np.zeros((0, 0)), np.zeros(0, np.int64), counts)
     index = {key: i for i, key in enumerate(ordered)}
     all_videos = torch.stack([merged[k] for k in ordered]).to(dtype)  # (Nv, T, E)
 
@@ -144,12 +189,10 @@ def evaluate_retrieval(
     )
     sim = np.stack([all_rows[r][1][i] for _, r, i in text_order])  # (Nt, Nv)
     text_video = np.array([index[key[0]] for key, _, _ in text_order])
-    return {
-        **retrieval_metrics(sim, text_video),
-        "num_videos": len(ordered),
-        "num_captions": len(text_order),
-        # what the ranks encoded together: equal to the two above unless the data split repeats videos
+    # what the ranks encoded together: equal to the videos and captions unless the data split repeats videos
+    counts = {
         "encoded_videos": sum(len(rank_keys) for rank_keys, _, _ in gathered),
         "encoded_captions": sum(encoded for _, _, encoded in all_rows),
         **counts,
     }
+    return RetrievalScores(ordered, [key for key, _, _ in text_order], sim, text_video, counts)
