@@ -10,6 +10,8 @@ Streaming contract:
   every slot reads all shards and keeps every ``slots``-th sample instead.
 - Training streams forever: the slot loops over its shards epoch after epoch, reshuffled from
   (seed, epoch), so every rank can run the same number of steps.
+- A training batch holds ``batch_size`` videos; with ``data.repeats`` R each gives R independently
+  augmented clips of the same decoded frames, so it has batch_size x R clips and labels, one key per video.
 - Each batch carries its slot's position (epoch, raw samples consumed) and its cumulative skip counts; the
   trainer stores them in checkpoints and a resumed stream skips exactly the consumed raw samples, without
   decoding them.
@@ -37,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from data.augment import ClipRandAugment
 from data.video import (
     VideoDecodeError,
     crop_boxes,
@@ -85,7 +88,7 @@ class DataConfig:
     min_frames: int = 0
     """Videos with fewer frames are skipped and counted; 0 means num_frames."""
     batch_size: int = 16
-    """Clips per rank per micro-step."""
+    """Videos per rank per micro-step (each gives ``repeats`` clips in training)."""
     eval_batch_size: int = 16
     """Videos per rank per evaluation step (each with clips x crops views)."""
     num_workers: int = 2
@@ -94,26 +97,39 @@ class DataConfig:
     """decord threads per reader."""
     shuffle_buffer: int = 256
     """Samples held for shuffling within a worker (training)."""
+    repeats: int = 1
+    """Training clips per video per micro-step, each augmented independently from the same decoded frames
+    (repeated augmentation; the release's ``num_sample: 2`` on SSv2): a batch holds batch_size x repeats
+    clips, video after video, with one label per clip. Recognition only."""
     train_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
-    """Random-resized-crop area range."""
+    """Random-resized-crop area range, as fractions of the frame (at ``decode_size`` when it is set)."""
     train_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
-    """Random-resized-crop aspect-ratio range."""
+    """Random-resized-crop aspect-ratio range (log-uniform)."""
     hflip: bool = False
-    """Random horizontal flip in training. Off by default: it swaps left/right motion classes."""
+    """Random horizontal flip in training. Off by default: it swaps left/right motion classes (unless
+    ``flip_label_map`` swaps their labels too)."""
+    flip_label_map: list[list[int]] = field(default_factory=list)
+    """Class pairs [a, b] whose labels swap when a training clip is flipped: a flipped clip of class a
+    trains as b and the other way round; other classes keep theirs (SSv2: [[86, 87], [93, 94], [166, 167]],
+    "from left to right" and "from right to left" and their kin). Needs ``hflip``; recognition only."""
     eval_clips: int = 1
     """Temporal clips per test video."""
     eval_crops: int = 1
     """Spatial crops per test clip (1: centre, 3: start/centre/end)."""
     decode_size: list[int] = field(default_factory=list)
-    """[height, width] training frames are scaled to while decoding (decord), before cropping; empty decodes
-    at the video's own size. Required by augment_on=device (the device batch needs one size)."""
+    """[height, width] training frames are scaled to while decoding (decord), aspect not kept, before the
+    random-resized crop; empty decodes at the video's own size. The release's SSv2 crop resizes to 256 x 320
+    first: [256, 320]. Required by augment_on=device (the device batch needs one size)."""
     augment_on: str = "cpu"
-    """Where training clips are cropped and augmented: "cpu" (in the workers) or "device" (in batch, kornia:
-    random resized crop, flip, colour jitter, RandAugment; workers then only decode at decode_size)."""
+    """Where training clips are cropped and augmented: "cpu" (in the workers: crop, flip, RandAugment) or
+    "device" (in batch, kornia: random resized crop, colour jitter, RandAugment; workers then only decode at
+    decode_size and flip, so that the label can follow the flip)."""
     color_jitter: float = 0.0
     """Colour-jitter strength on the device (brightness, contrast, saturation; hue a quarter), 0 = off."""
     randaugment: list[int] = field(default_factory=lambda: [0, 9])
-    """[ops per clip, magnitude 0-30] of RandAugment on the device; 0 ops = off."""
+    """[ops per clip, magnitude 0-30] of RandAugment, one draw per clip applied alike to all its frames; 0
+    ops = off. On the CPU path data.augment.ClipRandAugment after the crop, on the device kornia's
+    (magnitude 1-29). The release's "m7 n4" is on timm's 0-10 scale: [4, 21]."""
     max_skip_fraction: float = 0.2
     """Stop with an error once more than this fraction of a slot's samples were skipped (checked after its
     first 100 samples); 1 never stops."""
@@ -143,10 +159,20 @@ class DataConfig:
             raise ValueError("data.augment_on=device needs data.decode_size (one frame size per batch)")
         if len(self.randaugment) != 2 or self.randaugment[0] < 0 or not 0 <= self.randaugment[1] <= 30:
             raise ValueError(f"data.randaugment must be [ops >= 0, magnitude 0-30], got {self.randaugment}")
-        if self.augment_on == "cpu" and (self.color_jitter or self.randaugment[0]):
+        if (
+            self.augment_on == "device"
+            and self.randaugment[0]
+            and not (0 < self.randaugment[1] < 30 and self.randaugment[0] <= 15)
+        ):
             raise ValueError(
-                "data.color_jitter and data.randaugment run on the device: set data.augment_on=device"
+                f"data.randaugment on the device (kornia) needs at most 15 ops and a magnitude within 1-29, "
+                f"got {self.randaugment}"
             )
+        if self.augment_on == "cpu" and self.color_jitter:
+            raise ValueError("data.color_jitter runs on the device: set data.augment_on=device")
+        if self.repeats < 1:
+            raise ValueError(f"data.repeats must be >= 1, got {self.repeats}")
+        check_flip_label_map(self.flip_label_map, self.hflip)
         if not 0 <= self.max_skip_fraction <= 1:
             raise ValueError(f"data.max_skip_fraction must be within [0, 1], got {self.max_skip_fraction}")
         if self.max_words < 3:
@@ -163,6 +189,22 @@ class DataConfig:
     @property
     def views(self) -> int:
         return self.eval_clips * self.eval_crops
+
+    @property
+    def train_clips(self) -> int:
+        """Clips per rank per training micro-step: batch_size videos x repeats."""
+        return self.batch_size * self.repeats
+
+
+def check_flip_label_map(pairs: list[list[int]], hflip: bool) -> None:
+    """``data.flip_label_map``: pairs of two different class indices, no class in two pairs; needs hflip."""
+    if any(len(pair) != 2 or pair[0] == pair[1] or min(pair) < 0 for pair in pairs):
+        raise ValueError(f"data.flip_label_map must be pairs [a, b] of two different classes, got {pairs}")
+    classes = [c for pair in pairs for c in pair]
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"data.flip_label_map: a class appears in more than one pair: {pairs}")
+    if pairs and not hflip:
+        raise ValueError("data.flip_label_map swaps labels of flipped clips: set data.hflip=true")
 
 
 def expand_shards(spec: str, allow_pipe: bool = False) -> list[str]:
@@ -232,9 +274,10 @@ class SkipSample(Exception):
         self.kind = kind
 
 
-def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """Augmentation randomness fixed by (seed, epoch, key): independent of worker count and order."""
-    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+def sample_rng(seed: int, epoch: int, key: str, repeat: int = 0) -> np.random.Generator:
+    """Augmentation randomness fixed by (seed, epoch, key) and, for a video's further clips, ``repeat``:
+    independent of worker count and order."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode()), *([repeat] if repeat else [])])
 
 
 def parse_label(sample: dict, num_classes: int) -> int:
@@ -283,7 +326,8 @@ def video_bytes(sample: dict) -> bytes:
 
 
 class VideoClipDecoder:
-    """Raw sample dict -> (frames uint8, target). Training: (T, 3, S, S); test: (views, T, 3, S, S).
+    """Raw sample dict -> (frames uint8, target). Training: (T, 3, S, S), or with ``data.repeats`` R > 1 the
+    video's R clips (R, T, 3, S, S) and a list of R targets; test: (views, T, 3, S, S).
 
     ``target`` is the number of classes (a ``ClassLabel``) or an object with the same interface, e.g.
     ``data.captions.CaptionTarget``; its ``collate`` turns a batch's targets into batch entries.
@@ -292,6 +336,17 @@ class VideoClipDecoder:
     def __init__(self, cfg: DataConfig, image_size: int, target, train: bool, seed: int):
         self.target = ClassLabel(target) if isinstance(target, int) else target
         self.cfg, self.size, self.train, self.seed = cfg, image_size, train, seed
+        self.repeats = cfg.repeats if train else 1  # clips per sample; VideoShards batches them
+        self.flip_map = {a: b for pair in cfg.flip_label_map for a, b in (pair, pair[::-1])}
+        if (self.repeats > 1 or self.flip_map) and not isinstance(self.target, ClassLabel):
+            raise ValueError("data.repeats and data.flip_label_map apply to class labels (recognition) only")
+        if self.flip_map and max(self.flip_map) >= self.target.num_classes:
+            raise ValueError(
+                f"data.flip_label_map names class {max(self.flip_map)} of {self.target.num_classes} classes"
+            )
+        count, magnitude = cfg.randaugment
+        cpu_augment = train and cfg.augment_on == "cpu" and count
+        self.randaugment = ClipRandAugment(count, magnitude) if cpu_augment else None
 
     def collate(self, targets: list) -> dict:
         return self.target.collate(targets)
@@ -309,20 +364,18 @@ class VideoClipDecoder:
                 raise SkipSample("too_few_frames", f"{total} frames < {max(cfg.num_frames, cfg.min_frames)}")
             if self.train:
                 rng = sample_rng(self.seed, epoch, sample["__key__"])
-                indices = segment_indices(total, cfg.num_frames, rng=rng)
+                indices = segment_indices(total, cfg.num_frames, rng=rng)  # one draw: the clips share frames
                 if size:
                     frames = read_frames_at(video, indices, size, cfg.decode_threads, reader)
                 else:
                     frames = read_frames(reader, indices)
-                if cfg.augment_on == "device":  # cropped and augmented in batch on the device
-                    return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), target  # (T, 3, H, W)
-                box = random_resized_crop_box(
-                    *frames.shape[1:3], rng, tuple(cfg.train_scale), tuple(cfg.train_ratio)
-                )
-                clip = crop_resize(frames, box, self.size)
-                if cfg.hflip and rng.random() < 0.5:
-                    clip = clip.flip(-1)
-                return clip, target
+                augmented = [
+                    self.augment(frames, target, rng if r == 0 else sample_rng(self.seed, epoch, key, r))
+                    for r in range(self.repeats)
+                ]
+                if self.repeats == 1:
+                    return augmented[0]
+                return torch.stack([clip for clip, _ in augmented]), [label for _, label in augmented]
             indices = np.concatenate(
                 [
                     segment_indices(total, cfg.num_frames, clip=c, clips=cfg.eval_clips)
@@ -336,6 +389,29 @@ class VideoClipDecoder:
         boxes = crop_boxes(*frames.shape[2:4], cfg.eval_crops)
         views = [crop_resize(clip_frames, box, self.size) for clip_frames in frames for box in boxes]
         return torch.stack(views), target
+
+    def augment(self, frames: np.ndarray, target, rng: np.random.Generator) -> tuple[torch.Tensor, object]:
+        """One training clip of decoded (T, H, W, 3) frames and its target, flipped (label too) or not.
+
+        CPU path: random-resized crop, flip, RandAugment -> (T, 3, S, S). Device path: the flip only ->
+        (T, 3, H, W); the device crops after it, which is mirror-symmetric in distribution, so flipping
+        first draws the same clips.
+        """
+        cfg = self.cfg
+        if cfg.augment_on == "device":
+            clip = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W)
+        else:
+            box = random_resized_crop_box(
+                *frames.shape[1:3], rng, tuple(cfg.train_scale), tuple(cfg.train_ratio)
+            )
+            clip = crop_resize(frames, box, self.size)
+        if cfg.hflip and rng.random() < 0.5:
+            clip = clip.flip(-1)
+            if self.flip_map:
+                target = self.flip_map.get(target, target)
+        if self.randaugment is not None:
+            clip = self.randaugment(clip, rng)
+        return clip, target
 
 
 def shuffled(items: Iterator, buffer: int, rng: np.random.Generator) -> Iterator:
@@ -386,6 +462,7 @@ class VideoShards(IterableDataset):
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.resume = resume or {}
         self.worker_offset = worker_offset
+        self.repeats = getattr(decoder, "repeats", 1)  # clips per sample (>1: a list of targets too)
 
     def _slot(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -452,10 +529,14 @@ class VideoShards(IterableDataset):
                     self._check_skip_rate(slot, seen, skips)
                     continue
                 used += 1
-                clips.append(clip)
-                targets.append(target)
+                if self.repeats > 1:
+                    clips.extend(clip)
+                    targets.extend(target)
+                else:
+                    clips.append(clip)
+                    targets.append(target)
                 keys.append(sample["__key__"])
-                if len(clips) == self.batch_size:
+                if len(keys) == self.batch_size:
                     yield _batch(clips, batch(targets), keys, slot, epoch, position, seen, skips)
                     clips, targets, keys = [], [], []
             if not self.train:
@@ -488,9 +569,10 @@ def _warn(skips: Counter, kind: str, message: str) -> None:
 
 def _batch(clips, targets: dict, keys, slot, epoch, position, seen, skips) -> dict:
     return {
-        "frames": torch.stack(clips) if clips else None,  # (B, T, 3, S, S) or (B, V, T, 3, S, S), uint8
-        **targets,  # "labels" (B,), or the captions' "text_ids", "text_mask", ...
-        "keys": list(keys),
+        # (B*R, T, 3, S, S) in training (R = data.repeats, video after video) or (B, V, T, 3, S, S), uint8
+        "frames": torch.stack(clips) if clips else None,
+        **targets,  # "labels" (B*R,), or the captions' "text_ids", "text_mask", ...
+        "keys": list(keys),  # (B,): one per video
         "slot": slot,
         "state": {"epoch": epoch, "position": position, "seen": seen, "skips": dict(skips)},
     }

@@ -35,9 +35,9 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     warmup_steps: int = 50
-    """Linear warmup from 0 to ``lr``."""
+    """Linear warmup to ``lr`` over this many optimizer steps (a recipe's warmup epochs x steps per epoch)."""
     min_lr_ratio: float = 0.01
-    """The cosine ends at ``lr * min_lr_ratio``."""
+    """The cosine ends at ``lr * min_lr_ratio`` at ``train.steps`` (0: to 0, as Side4Video's release)."""
 
     def __post_init__(self):
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
@@ -58,6 +58,9 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.AdamW:
         if param.requires_grad:
             (decay if decayed(name, param) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty group (decay=all leaves one): DeepSpeed's ZeRO optimizer drops it, and the schedule built for
+    # the optimizer's groups would then no longer match them.
+    groups = [group for group in groups if group["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
