@@ -37,8 +37,8 @@ def measure(cfg, dist, steps: int = 3) -> int:
         trainer = Trainer(cfg, dist, check_data=False)  # random clips: no shards are read
         image = trainer.backbone.image_size
         batch = {
-            "frames": torch.randint(0, 256, (cfg.data.batch_size, *size, image, image), dtype=torch.uint8),
-            "labels": torch.randint(0, cfg.side.num_classes, (cfg.data.batch_size,)),
+            "frames": torch.randint(0, 256, (cfg.data.train_clips, *size, image, image), dtype=torch.uint8),
+            "labels": torch.randint(0, cfg.side.num_classes, (cfg.data.train_clips,)),
             "slot": 0,
             "state": {},
         }

@@ -195,7 +195,7 @@ def simulate_step(cfg: RunConfig, backbone, side, dtype: torch.dtype = torch.flo
     """(dynamic peak, saved activations, frozen-block transient) of one training step of ``backbone`` and
     ``side`` (on the meta device for a plan, or on a real one) at the configured batch shape; clips enter in
     the side network's compute ``dtype``. Storages that exist before (parameters) are not counted."""
-    size, frames, batch = backbone.image_size, cfg.data.num_frames, cfg.data.batch_size
+    size, frames, batch = backbone.image_size, cfg.data.num_frames, cfg.data.train_clips
     device = next(side.parameters()).device
 
     transient = PeakMemory()

@@ -455,7 +455,7 @@ class Trainer:
         self.metrics.log(self.step, values)
 
     def throughput(self, steps: int, seconds: float) -> dict:
-        clips = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.dist.world_size * steps
+        clips = self.cfg.data.train_clips * self.cfg.train.grad_accum * self.dist.world_size * steps
         return {"clips_per_s": clips / max(seconds, 1e-9)}
 
     def window_metrics(self, steps: int) -> dict:
