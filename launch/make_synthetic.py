@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.captions:
         print(f"tokenizer: {write_bpe_tokenizer(caption_corpus(), out / 'tokenizer')}")
     classes = SHAPES if args.images else MOTIONS
-    print(f"classes ({len(classes)}): {', '.join(classes)}")
+    (out / "classes.txt").write_text("".join(f"{name}\n" for name in classes))  # names for launch.evaluate
+    print(f"classes ({len(classes)}, in {out / 'classes.txt'}): {', '.join(classes)}")
     return 0
 
 
