@@ -37,6 +37,7 @@ from models.lean import (
     project_norm,
     recomputing,
 )
+from models.weights import fit_problems
 
 BLOCKS = ("clip", "eva", "auto")
 POS_EMBEDS = ("shared", "per_block")
@@ -413,19 +414,10 @@ def load_side_weights(side: nn.Module, path: str | Path) -> str:
     with safe_open(source, framework="pt") as handle:
         metadata = handle.metadata() or {}
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    expected = side.state_dict()
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
-    mismatched = [
-        f"{key} {tuple(tensors[key].shape)} != {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in tensors and tensors[key].shape != value.shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{source} does not fit the side network: {len(missing)} missing {missing}, "
-            f"{len(unexpected)} unexpected {unexpected}, {len(mismatched)} of another shape {mismatched}"
-        )
+    problems = fit_problems(side.state_dict(), tensors)
+    if any(problems.values()):
+        listed = ", ".join(f"{len(names)} {kind} {names}" for kind, names in problems.items())
+        raise ValueError(f"{source} does not fit the side network: {listed}")
     side.load_state_dict(tensors, strict=True)
     params = sum(tensors[name].numel() for name, _ in side.named_parameters())
     epoch = f", release epoch {metadata['epoch']}" if "epoch" in metadata else ""

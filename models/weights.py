@@ -123,3 +123,17 @@ def load_weights(
                             f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}"
                         )
                     param.data.copy_(tensor.to(param.dtype))
+
+
+def fit_problems(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """What keeps ``given`` from loading strictly where ``expected`` (a state dict) is: the missing,
+    unexpected and differently shaped tensors by name; empty lists when it fits."""
+    return {
+        "missing": sorted(expected.keys() - given.keys()),
+        "unexpected": sorted(given.keys() - expected.keys()),
+        "of another shape": [
+            f"{key} {tuple(given[key].shape)} != {tuple(value.shape)}"
+            for key, value in expected.items()
+            if key in given and given[key].shape != value.shape
+        ],
+    }

@@ -35,6 +35,7 @@ from models import (
     load_side_weights,
 )
 from models.swin3d import SwinConfig, SwinRecognizer, build_swin, check_fit, load_encoder_weights
+from models.weights import fit_problems
 from trainer.checkpoint import (
     MARKER,
     Checkpointer,
@@ -632,24 +633,9 @@ def load_module_weights(network: nn.Module, folder: Path) -> None:
         state = read_module_state(str(folder), "--checkpoint")
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
-    expected = network.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    mismatched = [
-        f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    if missing or unexpected or mismatched:
-        shown = ", ".join(
-            f"{len(items)} {kind} {items[:3]}"
-            for kind, items in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("of another shape", mismatched),
-            )
-            if items
-        )
+    problems = fit_problems(network.state_dict(), state)
+    if any(problems.values()):
+        shown = ", ".join(f"{len(names)} {kind} {names[:3]}" for kind, names in problems.items() if names)
         raise CheckpointError(
             f"{folder} does not fit the network this config builds ({shown}): evaluate with the config "
             "the run was trained with (its run_dir/config.yaml)"
