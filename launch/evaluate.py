@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from trainer.distributed import destroy, init_distributed
+    from trainer.evaluator import Evaluator
     from trainer.failures import report
-    from trainer.trainer import Evaluator
 
     out = Path(args.out or Path(cfg.run_dir) / "evaluation")
     rank = None

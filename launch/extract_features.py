@@ -90,7 +90,7 @@ def extract(evaluator, out: Path, frozen: bool, shard_size: int) -> dict:
     from data.video import normalize
     from trainer.distributed import all_gather_objects
     from trainer.evaluate import lockstep, skip_counts, with_videos
-    from trainer.trainer import Recognition
+    from trainer.tasks import Recognition
 
     cfg, dist, task = evaluator.cfg, evaluator.dist, evaluator.task
     if not isinstance(task, Recognition):
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from trainer.distributed import destroy, init_distributed
+    from trainer.evaluator import Evaluator
     from trainer.failures import report
-    from trainer.trainer import Evaluator
 
     out = Path(args.out)
     rank = None

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from trainer.distributed import destroy, init_distributed
+    from trainer.evaluator import Evaluator
     from trainer.failures import report
-    from trainer.trainer import Evaluator
 
     rank = None
     try:

@@ -151,7 +151,8 @@ def test_evaluate_an_imported_release_without_any_checkpoint(tiny_run, evaluated
     evaluation = json.loads((empty / "evaluation" / "eval.json").read_text())  # the default --out
     assert evaluation["weights"] == str(tmp_path) and evaluation["step"] is None
     assert evaluation["top1"] == json.loads((evaluated / "eval.json").read_text())["top1"]
-    released, checkpointed = predictions(empty / "evaluation"), predictions(evaluated)  # two ways of loading the weights
+    # Two ways of loading the same weights.
+    released, checkpointed = predictions(empty / "evaluation"), predictions(evaluated)
     assert released.keys() == checkpointed.keys()
     for key, record in released.items():
         assert record["top5"] == checkpointed[key]["top5"]
@@ -162,8 +163,8 @@ def test_evaluate_an_imported_release_without_any_checkpoint(tiny_run, evaluated
 def test_no_checkpoint_is_one_line_naming_the_run_directory(tiny_shards, tmp_path, capsys):
     from tests.conftest import tiny_overrides
     from trainer.config import load_config
+    from trainer.evaluator import find_checkpoint
     from trainer.failures import report
-    from trainer.trainer import find_checkpoint
 
     cfg = load_config(None, tiny_overrides(tiny_shards, tmp_path / "x"))
     with pytest.raises(Exception) as error:

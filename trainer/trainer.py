@@ -1,52 +1,32 @@
-"""The trainer: one DeepSpeed engine over the trainable network, fed from video shards; and the evaluator: the
-same network, its weights read from a checkpoint, without optimizer or training engine.
+"""The trainer: one DeepSpeed engine over the trainable network, fed from video shards.
 
-What differs between tasks lives in one task object, chosen once from ``task:`` (``build_task``): recognition
-trains a classifier with cross-entropy, the Side4Video side network beside a frozen backbone
-(``model: side4video``) or a whole Video Swin (``model: video_swin``, e.g. fine-tuning after BEVT); retrieval
-adds a frozen text encoder and trains the side network's video embeddings against its captions with a
-contrastive loss over the global batch. BEVT pretraining (``trainer.bevt``) extends the Trainer itself.
+What differs between tasks (recognition, retrieval) lives in one task object (``trainer.tasks``), chosen once
+from ``task:``; BEVT pretraining (``trainer.bevt``) extends the Trainer itself. The evaluator
+(``trainer.evaluator``) builds the same task's network without optimizer or training engine.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 
 import deepspeed
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data.augment import DeviceAugment
-from data.captions import CaptionTarget, load_tokenizer, tokenize
-from data.shards import SKIP_KINDS, build_loader, check_shard_spec
+from data.shards import SKIP_KINDS, check_shard_spec
 from data.video import normalize
 from models import (
-    build_retrieval_network,
-    build_side_network,
-    contrastive_loss,
     count_params,
-    load_side_weights,
 )
-from models.swin3d import SwinConfig, SwinRecognizer, build_swin, check_fit, load_encoder_weights
-from models.weights import fit_problems
 from trainer.checkpoint import (
-    MARKER,
     Checkpointer,
-    CheckpointError,
-    checkpoint_problem,
-    newest_complete,
-    read_module_state,
-    resume_candidates,
 )
 from trainer.config import (
-    ConfigError,
     RunConfig,
     check_deepspeed_files,
     dump_config,
@@ -54,232 +34,16 @@ from trainer.config import (
     resume_changes,
     shard_specs,
 )
-from trainer.distributed import DistInfo, all_reduce_sum, gather_batch
+from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors, poisoned
-from trainer.evaluate import FRAME_ORDERS, Scores, class_names, evaluate_orders, gather_scores
-from trainer.frozen import build_frozen, build_frozen_text, gathered
+from trainer.evaluate import FRAME_ORDERS, Scores, evaluate_orders
 from trainer.metrics import MetricsLogger, peak_memory_bytes, strict_record
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.preemption import PreemptionWatch, ignore_stop_signals
-from trainer.retrieval import RETRIEVAL_HEADLINE, RetrievalScores, gather_retrieval_scores
+from trainer.preemption import PreemptionWatch
+from trainer.retrieval import RetrievalScores
+from trainer.tasks import Task, build_task, load_swin_init
 
 log = logging.getLogger(__name__)
-
-
-# -- tasks ---------------------------------------------------------------------------------------------------
-
-
-class Task:
-    """One task's part of a run: the network it trains (and the frozen models beside it), its loss, what the
-    loader reads as target, and its evaluation. ``network`` arguments run the trainable module: the training
-    engine, or (evaluating) the module itself."""
-
-    headline: tuple[str, ...] = ("top1", "top5")
-    """Metrics reported again for the temporal check's frame orders."""
-
-    def __init__(self, cfg: RunConfig, dist: DistInfo):
-        self.cfg, self.dist = cfg, dist
-        self.backbone = self.frozen = None  # the frozen image model and what runs it (Side4Video only)
-        self.image_size = 0  # set by build
-        self.notes: list[str] = []  # lines for the log from model building
-
-    def build(self) -> nn.Module:
-        """The trainable network (before any engine exists: every rank builds the same weights)."""
-        raise NotImplementedError
-
-    def _build_backbone(self) -> None:
-        self.backbone, self.frozen = build_frozen(self.cfg, self.dist)
-        self.image_size = self.backbone.image_size
-
-    def describe(self) -> str:
-        cfg = self.cfg
-        if self.backbone is None:
-            return f"{cfg.model} {cfg.swin.name} ({cfg.task})"
-        frozen = sum(getattr(p, "ds_numel", p.numel()) for p in self.backbone.parameters())
-        return (
-            f"backbone {cfg.backbone.pretrained or cfg.backbone.name}: {frozen:,} frozen params, "
-            f"taps {self.backbone.taps}; side network"
-        )
-
-    def forward(self, network, clips: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) normalised clips -> (B, classes) logits, or (B, T, E) frame embeddings for
-        retrieval; side block i runs right after tap i."""
-        if self.frozen is None:
-            return network(clips)
-        return network(clips, self.frozen(clips.flatten(0, 1)))
-
-    def loss(self, network, batch: dict, clips: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def target(self, train: bool):
-        """What the loader reads besides the video (``data.shards.VideoClipDecoder``'s ``target``)."""
-        raise NotImplementedError
-
-    def filler(self) -> dict:
-        """A batch that an evaluation rank out of data runs (and discards) while others still have data."""
-        data, size = self.cfg.data, self.image_size
-        frames = torch.zeros(1, data.views, data.num_frames, 3, size, size, dtype=torch.uint8)
-        return {"frames": frames, "labels": torch.zeros(1, dtype=torch.long), "keys": []}
-
-    def score(self, network, loader: Iterable[dict], dtype: torch.dtype, order: str):
-        """Every evaluation video once over all ranks, frames in ``order`` (recognition: ``Scores``)."""
-        raise NotImplementedError
-
-    def loader(self, train: bool, target=None, resume: dict | None = None, worker_offset: int = 0):
-        """This rank's training (endless) or evaluation (one pass) loader; ``target`` default: the task's."""
-        cfg = self.cfg
-        return build_loader(
-            cfg.data,
-            self.image_size,
-            self.target(train) if target is None else target,
-            train,
-            cfg.train.seed,
-            self.dist.rank,
-            self.dist.world_size,
-            resume=resume,
-            worker_offset=worker_offset,
-            worker_init_fn=ignore_stop_signals,
-        )
-
-
-class Recognition(Task):
-    """Classes from labels: a side network beside the frozen backbone, or a whole Video Swin."""
-
-    def build(self) -> nn.Module:
-        cfg = self.cfg
-        if cfg.model == "video_swin":
-            self.image_size = cfg.swin.image_size
-            try:
-                check_fit(cfg.swin.shape, self.image_size, cfg.data.num_frames)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-            model = SwinRecognizer(build_swin(cfg.swin), cfg.swin.num_classes, cfg.swin.head_dropout)
-            load_swin_init(cfg.swin, model, self.notes)
-            return model
-        self._build_backbone()
-        side = build_side_network(cfg.side, self.backbone)
-        if cfg.side.init_from:
-            try:
-                note = load_side_weights(side, cfg.side.init_from)
-            except ValueError as exc:
-                raise ConfigError(f"side.init_from: {exc}") from None
-            self.notes.append(f"side network initialised from {cfg.side.init_from}: {note}")
-        return side
-
-    def loss(self, network, batch: dict, clips: torch.Tensor) -> torch.Tensor:
-        logits = self.forward(network, clips)
-        labels = batch["labels"].to(self.dist.device)
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing)
-
-    def target(self, train: bool) -> int:
-        return self.cfg.num_classes
-
-    def score(self, network, loader: Iterable[dict], dtype: torch.dtype, order: str) -> Scores:
-        def predict(clips):
-            return self.forward(network, clips)
-
-        common = (self.filler(), self.dist.device, dtype, order, self.cfg.eval.seed)
-        return gather_scores(predict, loader, *common)
-
-    def features(self, network, clips: torch.Tensor, frozen: bool = False):
-        """What the classifier head reads, (B, d) (the side tokens after the side network's final norm,
-        averaged over tokens and frames; Video Swin's pooled stage 4), and with ``frozen`` the last tap's
-        class token per frame, (B, T, W)."""
-        head_inputs: list[torch.Tensor] = []
-        hook = unwrap(network).head.register_forward_pre_hook(lambda _, args: head_inputs.append(args[0]))
-        last: list[torch.Tensor] = []
-
-        def remember_last(taps: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-            for tap in taps:
-                last[:] = [tap]
-                yield tap
-
-        try:
-            if self.frozen is None:
-                network(clips)
-            else:
-                taps = self.frozen(clips.flatten(0, 1))
-                network(clips, remember_last(taps) if frozen else taps)
-        finally:
-            hook.remove()
-        cls = last[0][:, 0].unflatten(0, clips.shape[:2]) if frozen else None  # (B, T, W)
-        return head_inputs[0], cls
-
-
-class Retrieval(Task):
-    """Captions against videos: the side network corrects the frozen CLIP's frame embeddings, matched to a
-    frozen text encoder's tokens."""
-
-    headline = RETRIEVAL_HEADLINE
-
-    def build(self) -> nn.Module:
-        """The retrieval side network (its frozen output head copied from the backbone); the text encoder."""
-        if self.cfg.side.init_from:
-            raise ConfigError("side.init_from: the side network it holds is a recognition model")
-        self._build_backbone()
-        try:
-            side = build_retrieval_network(self.cfg.side, self.backbone)
-        except ValueError as exc:
-            raise ConfigError(f"backbone: {exc}") from None
-        norm, proj = self.backbone.output_head()
-        with gathered([*norm.parameters(), *proj.parameters()]):
-            side.output.copy_from(norm, proj)
-        self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
-        embed_dim = side.output.proj.out_features
-        _, self.text = build_frozen_text(self.cfg, self.dist, embed_dim, len(self.tokenizer))
-        return side
-
-    def loss(self, network, batch: dict, clips: torch.Tensor) -> torch.Tensor:
-        device = self.dist.device
-        ids, mask = batch["text_ids"].to(device), batch["text_mask"].to(device)
-        text = self.text(ids, mask)  # (B, L, E), frozen
-        # Text-to-video logits over the global batch: every rank's videos and captions, gathered.
-        logits = network(clips, self.frozen(clips.flatten(0, 1)), text, mask, gather=gather_batch)
-        return contrastive_loss(logits)
-
-    def target(self, train: bool) -> CaptionTarget:
-        return CaptionTarget(self.cfg.data.tokenizer, self.cfg.data.max_words, train)
-
-    def filler(self) -> dict:
-        ids, mask = tokenize(self.tokenizer, [""], self.cfg.data.max_words)  # one empty caption
-        return {**super().filler(), "text_ids": ids, "text_mask": mask}
-
-    def score(self, network, loader: Iterable[dict], dtype: torch.dtype, order: str) -> RetrievalScores:
-        def encode_video(clips):
-            return self.forward(network, clips)
-
-        encoders = (encode_video, self.text, unwrap(network).similarity)
-        common = (self.filler(), self.dist.device, dtype, order, self.cfg.eval.seed)
-        return gather_retrieval_scores(*encoders, loader, *common)
-
-
-TASKS: dict[str, type[Task]] = {"recognition": Recognition, "retrieval": Retrieval}
-
-
-def build_task(cfg: RunConfig, dist: DistInfo) -> Task:
-    """The task object of ``task:`` (BEVT pretraining is ``trainer.bevt.BEVTTrainer``)."""
-    if cfg.task not in TASKS:
-        raise ConfigError(f"task: {cfg.task!r} has no task object here; known: {', '.join(TASKS)}")
-    return TASKS[cfg.task](cfg, dist)
-
-
-def load_swin_init(swin: SwinConfig, model: nn.Module, notes: list[str]) -> None:
-    """Initialise a Video Swin model's weights from ``swin.init_from`` (before the engine exists)."""
-    if swin.init_from:
-        try:
-            state = read_module_state(swin.init_from, "swin.init_from")  # its errors name the key
-            note = load_encoder_weights(model, state, swin.inflate)
-        except ValueError as exc:
-            message = str(exc)
-            raise ConfigError(
-                message if message.startswith("swin.") else f"swin.init_from: {message}"
-            ) from None
-        notes.append(f"initialised from {swin.init_from}: {note}")
-
-
-def unwrap(network) -> nn.Module:
-    """The module a DeepSpeed engine runs (or the module itself)."""
-    return getattr(network, "module", network)
 
 
 # -- training ------------------------------------------------------------------------------------------------
@@ -519,128 +283,6 @@ class Trainer:
     def close(self) -> None:
         self.preemption.__exit__()
         self.metrics.close()
-
-
-# -- evaluation only -----------------------------------------------------------------------------------------
-
-
-class Evaluator:
-    """A trained (or imported) model for evaluation, prediction and feature extraction: the task's network
-    built as for training (the frozen backbone placed as in training, partitioned by
-    ``train.frozen_deepspeed_config``), its weights read from a checkpoint's module states; no optimizer,
-    no training engine.
-
-    Args:
-        checkpoint: a checkpoint folder, or a run directory (its newest complete checkpoint); default:
-            ``run_dir``'s newest complete checkpoint, else ``side.init_from`` (an imported release).
-        check_data: preflight ``data.eval_shards`` (prediction on files reads no shards).
-    """
-
-    def __init__(
-        self, cfg: RunConfig, dist: DistInfo, checkpoint: str | None = None, check_data: bool = True
-    ):
-        if cfg.task not in TASKS:
-            raise ConfigError(
-                f"task: {cfg.task}: a BEVT pretraining run is evaluated by its own final evaluation (masked "
-                "accuracy); evaluate the fine-tuned encoder (task: recognition, model: video_swin) here"
-            )
-        check_deepspeed_files(cfg)
-        if check_data:
-            check_shard_spec("data.eval_shards", cfg.data.eval_shards, cfg.data.allow_pipe)
-        self.source = find_checkpoint(cfg, checkpoint)  # None: the weights side.init_from loads
-        match = re.fullmatch(r"step(\d+)", self.source.name) if self.source else None
-        self.step = int(match.group(1)) if match else None
-        if self.source is not None:  # the trained weights replace what the run started from
-            cfg = replace(cfg, side=replace(cfg.side, init_from=None), swin=replace(cfg.swin, init_from=None))
-        self.cfg, self.dist = cfg, dist
-        torch.manual_seed(cfg.train.seed)  # as in training: a backbone of random weights is rebuilt the same
-        self.task = build_task(cfg, dist)
-        network = self.task.build()
-        if self.source is not None:
-            load_module_weights(network, self.source)
-        ds_config = resolve_deepspeed_config(cfg, dist.world_size, dist.bf16_supported, count_params(network))
-        self.dtype = compute_dtype(ds_config)
-        self.network = network.to(dist.device, self.dtype).eval()
-        self.weights = str(self.source or cfg.side.init_from)
-        log.info("%s; weights from %s", self.task.describe(), self.weights)
-        for note in self.task.notes:
-            log.info(note)
-
-    def class_names(self, path: str | None = None) -> list[str] | None:
-        """Class names from ``path``, or a classes.txt beside the evaluation shards (None: none there)."""
-        return class_names(self.cfg.data.eval_shards, self.cfg.num_classes, path)
-
-    def scores(self, order: str = "original") -> Scores | RetrievalScores:
-        return self.task.score(self.network, self.task.loader(train=False), self.dtype, order)
-
-    def evaluate(self, out: Path) -> dict:
-        """Evaluate on ``data.eval_shards`` in the configured views (and the temporal check); write eval.json
-        and the task's outputs (recognition: predictions, per-class accuracy, confusion matrix; retrieval:
-        each caption's rank) into ``out``. Returns eval.json's record."""
-        cfg = self.cfg
-        names = self.class_names() if isinstance(self.task, Recognition) else None
-        orders = FRAME_ORDERS if cfg.eval.temporal_check else ("original",)
-        metrics, scores = evaluate_orders(self.scores, orders, self.task.headline)
-        result = {"step": self.step, "weights": self.weights, "views": cfg.data.views, **metrics}
-        if self.dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            result.update(scores.write(out, names))
-            text = json.dumps(strict_record(result), indent=2, allow_nan=False)
-            (out / "eval.json").write_text(text + "\n")
-        return result
-
-
-def find_checkpoint(cfg: RunConfig, checkpoint: str | None) -> Path | None:
-    """The checkpoint folder to evaluate (see ``Evaluator``); None when ``side.init_from`` stands in.
-
-    Raises:
-        CheckpointError: none found, or the named folder is not a complete checkpoint.
-    """
-    if checkpoint is None:
-        newest = newest_complete(Path(cfg.run_dir) / "checkpoints")
-        if newest is None and cfg.model == "side4video" and cfg.side.init_from:
-            return None
-        if newest is None:
-            raise CheckpointError(
-                f"{cfg.run_dir} holds no complete checkpoint; train first or pass --checkpoint"
-            )
-        return newest
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise CheckpointError(
-            f"--checkpoint: {path} is not a checkpoint folder or run directory (an imported release: "
-            "set side.init_from to it)"
-        )
-    if any(path.glob("mp_rank_*_model_states.pt")) or (path / MARKER).exists():
-        problem = dict(resume_candidates(path.parent)).get(path, checkpoint_problem(path))
-        if problem:
-            raise CheckpointError(f"--checkpoint: {path} is not a complete checkpoint: {problem}")
-        return path
-    for folder in (path / "checkpoints", path):
-        newest = newest_complete(folder) if folder.is_dir() else None
-        if newest is not None:
-            return newest
-    raise CheckpointError(f"--checkpoint: {path} holds no complete checkpoint")
-
-
-def load_module_weights(network: nn.Module, folder: Path) -> None:
-    """Load a checkpoint's module states (weights only, no optimizer state) into ``network``, strictly.
-
-    Raises:
-        CheckpointError: the file cannot be read, or its tensors do not fit the network (each kind listed).
-    """
-    try:
-        state = read_module_state(str(folder), "--checkpoint")
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
-    problems = fit_problems(network.state_dict(), state)
-    if any(problems.values()):
-        shown = ", ".join(f"{len(names)} {kind} {names[:3]}" for kind, names in problems.items() if names)
-        raise CheckpointError(
-            f"{folder} does not fit the network this config builds ({shown}): evaluate with the config "
-            "the run was trained with (its run_dir/config.yaml)"
-        )
-    network.load_state_dict(state, strict=True)
 
 
 def compute_dtype(ds_config: dict) -> torch.dtype:
