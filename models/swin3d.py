@@ -5,17 +5,24 @@ One encoder, two inputs:
 - images (B, 3, H, W): a 2D patch embedding (Conv2d, stride 4) and 2D windows (7, 7), i.e. a video of one
   temporal slot. A window never exceeds its input (Video Swin's rule: a dimension no larger than the window is
   attended whole and not shifted), so images get windows (1, 7, 7) and shift (0, 3, 3).
-Every block, patch merging, norm and the mask token are shared. The relative-position-bias table is 3D,
+Every block, patch merging and the mask token are shared. The relative-position-bias table is 3D,
 (2Wt - 1)(2Wh - 1)(2Ww - 1) x heads, and is always indexed with the table's own strides: a window of one slot
 reads exactly the temporal-distance-0 slice, which is what the image stream uses.
 
+Norms (``norms``): "released" (BEVT's release): each stream has its own patch-embedding norm (``norm`` for
+video, ``norm2d`` for images), stage 3 is returned raw and stage 4 goes through ``norm`` only when the encoder
+has a final norm (recognition; BEVT's decoders read both stages raw). "encoder" (the project's earlier
+layout): one patch-embedding norm for both streams, and ``norm3`` / ``norm`` on stages 3 and 4.
+
 Parameter names follow Swin / Video Swin (``patch_embed.proj``, ``layers.i.blocks.j.attn.qkv``,
-``layers.i.downsample.reduction``, ``norm``), so ``inflate_image_weights`` can take a 2D Swin checkpoint.
+``layers.i.downsample.reduction``, ``norm``). ``load_encoder_weights`` reads official Video Swin (mmaction),
+Swin 2D (ImageNet, inflated), BEVT's released pretraining checkpoints and this project's runs.
 Models here hold no distributed code.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -35,13 +42,15 @@ class SwinShape:
     mlp_ratio: float = 4.0
 
 
-# "base" is BEVT's Swin-B; "demo" is what the CPU demos pretrain; "test" is for unit tests.
+# "base" is BEVT's Swin-B; "demo" is what the CPU demos pretrain; "test" and "test7" (Swin's 7x7 windows, at
+# 224 px) are for unit tests.
 SWIN_SIZES: dict[str, SwinShape] = {
     "base": SwinShape(128, (2, 2, 18, 2), (4, 8, 16, 32)),
     "small": SwinShape(96, (2, 2, 18, 2), (3, 6, 12, 24)),
     "tiny": SwinShape(96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "demo": SwinShape(48, (1, 1, 2, 1), (2, 4, 8, 16), window=(4, 3, 3), mlp_ratio=2.0),
     "test": SwinShape(16, (1, 1, 2, 1), (1, 2, 2, 4), window=(2, 4, 4), mlp_ratio=2.0),
+    "test7": SwinShape(8, (2, 2, 2, 2), (1, 1, 2, 2), window=(2, 7, 7), mlp_ratio=2.0),
 }
 
 
@@ -58,12 +67,14 @@ class SwinConfig:
     checkpoint: bool = False
     """Recompute each block in the backward pass (activation checkpointing)."""
     init_from: str | None = None
-    """Initial weights: a run directory (its latest checkpoint) or a state-dict file, of a BEVT run, a
-    recognizer, or a bare encoder (2D Swin checkpoints are inflated). Modules the file lacks (a new decoder
-    or head) keep their initialisation and are named in the log."""
+    """Initial weights: a run directory (its newest complete checkpoint) or a state-dict file: this project's
+    BEVT or recognition runs, official Video Swin (mmaction), Swin 2D ImageNet (inflated) or BEVT's released
+    pretraining checkpoints. What the file lacks by design (mask token, 2D patch embedding, a new decoder or
+    head) keeps its initialisation; the load note in the log names it."""
     inflate: bool = False
-    """Treat ``init_from`` as image weights: inflate its image patch embedding and the temporal-distance-0
-    slice of its bias tables to 3D (BEVT stage 2 from the image-only stage 1)."""
+    """Treat ``init_from`` as image weights: inflate its image patch embedding (kernel, and its norm into the
+    video stream's) and the temporal-distance-0 slice of its bias tables to 3D (BEVT stage 2 from the
+    image-only stage 1). Swin 2D files (4-D patch kernel) are inflated without it."""
     num_classes: int = 8
     """Recognition (model: video_swin): classes of the linear head on the pooled stage-4 features."""
     head_dropout: float = 0.5
@@ -268,30 +279,53 @@ class Stage(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """The two streams' patch embeddings (the only unshared weights) and a shared norm."""
+    """The two streams' patch embeddings (the only unshared weights) and their norms (one per stream, or one
+    shared)."""
 
-    def __init__(self, dim: int, patch: tuple[int, int, int]):
+    def __init__(self, dim: int, patch: tuple[int, int, int], per_stream: bool = True):
         super().__init__()
         self.patch = patch
         self.proj = nn.Conv3d(3, dim, patch, patch)  # video
         self.proj2d = nn.Conv2d(3, dim, patch[1:], patch[1:])  # images
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim)  # video's, or both streams' when not per stream
+        self.norm2d = nn.LayerNorm(dim) if per_stream else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) video or (B, 3, H, W) images -> (B, T', H', W', C); images have T' = 1."""
-        out = self.proj(x) if x.ndim == 5 else self.proj2d(x).unsqueeze(2)
-        return self.norm(out.permute(0, 2, 3, 4, 1))
+        if x.ndim == 5:
+            return self.norm(self.proj(x).permute(0, 2, 3, 4, 1))
+        norm = self.norm if self.norm2d is None else self.norm2d
+        return norm(self.proj2d(x).unsqueeze(2).permute(0, 2, 3, 4, 1))
+
+
+NORMS = ("released", "encoder")
 
 
 class VideoSwin(nn.Module):
-    """The shared encoder. ``forward`` returns every stage's output (stage 3 and 4 normed)."""
+    """The shared encoder. ``forward`` returns every stage's output.
 
-    def __init__(self, shape: SwinShape, drop_path: float = 0.0, use_checkpoint: bool = False):
+    Args:
+        norms: "released" (per-stream patch-embedding norms; stages returned raw but for the final norm) or
+            "encoder" (one patch-embedding norm; stages 3 and 4 normed by ``norm3`` and ``norm``).
+        final_norm: with "released", whether the encoder has ``norm`` on stage 4 (recognition: yes; BEVT
+            pretraining: no, its shared decoder norm follows the decoders).
+    """
+
+    def __init__(
+        self,
+        shape: SwinShape,
+        drop_path: float = 0.0,
+        use_checkpoint: bool = False,
+        norms: str = "released",
+        final_norm: bool = True,
+    ):
         super().__init__()
-        self.shape, self.use_checkpoint = shape, use_checkpoint
+        if norms not in NORMS:
+            raise ValueError(f"bevt.norms: {norms!r} is not one of {NORMS}")
+        self.shape, self.use_checkpoint, self.norms = shape, use_checkpoint, norms
         dims = [shape.embed_dim * 2**i for i in range(len(shape.depths))]
         self.dims = dims
-        self.patch_embed = PatchEmbed(dims[0], shape.patch)
+        self.patch_embed = PatchEmbed(dims[0], shape.patch, per_stream=norms == "released")
         self.mask_token = nn.Parameter(torch.zeros(dims[0]))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         blocks = sum(shape.depths)
@@ -303,8 +337,8 @@ class VideoSwin(nn.Module):
             rate = rates[start : start + depth]
             self.layers.append(Stage(dims[i], depth, heads, shape.window, shape.mlp_ratio, rate, not last))
             start += depth
-        self.norm3 = nn.LayerNorm(dims[-2])  # the decoders' stage-3 input
-        self.norm = nn.LayerNorm(dims[-1])
+        self.norm3 = nn.LayerNorm(dims[-2]) if norms == "encoder" else None  # the decoders' stage-3 input
+        self.norm = nn.LayerNorm(dims[-1]) if norms == "encoder" or final_norm else None
         self.apply(_init_weights)
 
     @property
@@ -319,7 +353,8 @@ class VideoSwin(nn.Module):
             x: (B, 3, T, H, W) video or (B, 3, H, W) images, normalised.
             mask: bool at patch resolution (True = masked), (B, T', H', W') for video, (B, H', W') for images.
         Returns:
-            per stage (B, T', H_i, W_i, C_i) with H_i = H / (4 * 2^i); the last two normed.
+            per stage (B, T', H_i, W_i, C_i) with H_i = H / (4 * 2^i); the last through ``norm`` when the
+            encoder has one, the one before through ``norm3`` when it has one.
         """
         tokens = self.patch_embed(x)  # (B, T', H', W', C)
         if mask is not None:
@@ -335,7 +370,10 @@ class VideoSwin(nn.Module):
             outputs.append(tokens)
             if stage.downsample is not None:
                 tokens = stage.downsample(tokens)
-        outputs[-2], outputs[-1] = self.norm3(outputs[-2]), self.norm(outputs[-1])
+        if self.norm3 is not None:
+            outputs[-2] = self.norm3(outputs[-2])
+        if self.norm is not None:
+            outputs[-1] = self.norm(outputs[-1])
         return outputs
 
 
@@ -349,8 +387,8 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build_swin(cfg: SwinConfig) -> VideoSwin:
-    return VideoSwin(cfg.shape, cfg.drop_path, cfg.checkpoint)
+def build_swin(cfg: SwinConfig, norms: str = "released", final_norm: bool = True) -> VideoSwin:
+    return VideoSwin(cfg.shape, cfg.drop_path, cfg.checkpoint, norms, final_norm)
 
 
 class SwinRecognizer(nn.Module):
@@ -370,72 +408,270 @@ class SwinRecognizer(nn.Module):
         return self.head(self.dropout(features.mean((1, 2, 3))))
 
 
-# -- inflation ----------------------------------------------------------------------------------------------
+# -- checkpoints --------------------------------------------------------------------------------------------
 
 TABLE_SUFFIX = "attn.relative_position_bias_table"
+RECOMPUTED = ("relative_position_index", "attn_mask")  # buffers some checkpoints hold; rebuilt here
+# what a file may lack by design: the project's extras over Video Swin (RELEASES.md section 3)
+EXTRAS = (
+    "encoder.mask_token",
+    "encoder.patch_embed.proj2d.",
+    "encoder.patch_embed.norm2d.",
+    "encoder.norm3.",
+)
+# norms a model of another norm layout (``norms``) has and this one may not: left out, said so
+OTHER_LAYOUT = ("encoder.norm3.", "encoder.norm.", "encoder.patch_embed.norm2d.")
+# Official Video Swin (mmaction): the encoder under backbone., the classifier as cls_head.fc_cls.
+MMACTION_NAMES = {"backbone.": "encoder.", "cls_head.fc_cls.": "head."}
+# BEVT's released pretraining checkpoints (mmaction too), named as the release's modules are: its image
+# patch embedding and the decoders live in the backbone, its norm is the norm shared by both streams after
+# the decoders' linear layers (width = stage 4's), the prediction head is cls_head.lm_head.
+BEVT_RELEASE_NAMES = {
+    "backbone.patch_embed_2d.proj.": "encoder.patch_embed.proj2d.",
+    "backbone.patch_embed_2d.norm.": "encoder.patch_embed.norm2d.",
+    "backbone.lm_down.": "decoders.image.fuse.",
+    "backbone.fpn.0.": "decoders.image.upsample.",
+    "backbone.lm_down_st.0.": "decoders.video.fuse.",
+    "backbone.fpn_s.0.": "decoders.video.upsample.",  # a (1, 2, 2) ConvTranspose3d: a 2D one per slot here
+    "backbone.fpn_t.0.": "decoders.video.temporal.",
+    "backbone.norm.": "decoder_norm.",
+    "backbone.": "encoder.",
+    "cls_head.lm_head.": "head.",
+}
+BEVT_TOKENIZER = "cls_head.vae_encoder."  # the release keeps its frozen dVAE encoder in the checkpoint
 
 
-def inflate_image_weights(state: dict[str, torch.Tensor], model: VideoSwin, prefix: str = "") -> dict:
-    """Turn image (2D) encoder weights into video ones for ``model`` (keys under ``prefix``).
+@dataclass
+class _Source:
+    """A checkpoint's tensors under this project's names, what kind of file it was, what was left out."""
 
-    - The 3D patch embedding repeats the 2D kernel over its temporal size and divides by it, so a video of
-      one repeated frame gives the image's patch tokens in every temporal slot. A 2D Swin checkpoint's
-      ``patch_embed.proj`` (4-D kernel) also becomes the image stream's ``proj2d``.
-    - Each bias table's temporal-distance-0 slice (a 2D table, or the slice the image stream trained in a
-      3D one) is repeated over every temporal offset.
-    Tensors the model does not have (Swin's ``relative_position_index``, ``attn_mask``) are dropped.
-    """
-    target = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
-    out = {k: v for k, v in state.items() if k in target}
-    proj, proj2d = f"{prefix}patch_embed.proj", f"{prefix}patch_embed.proj2d"
-    if f"{proj}.weight" in state and state[f"{proj}.weight"].ndim == 4:  # a 2D Swin checkpoint
-        out[f"{proj2d}.weight"], out[f"{proj2d}.bias"] = state[f"{proj}.weight"], state[f"{proj}.bias"]
-    if f"{proj2d}.weight" in out:
-        kernel = out[f"{proj2d}.weight"]  # (C, 3, ph, pw)
-        frames = model.shape.patch[0]
-        out[f"{proj}.weight"] = kernel.unsqueeze(2).repeat(1, 1, frames, 1, 1) / frames
-        out[f"{proj}.bias"] = out[f"{proj2d}.bias"].clone()
-    wt, wh, ww = model.shape.window
-    plane = (2 * wh - 1) * (2 * ww - 1)
+    kind: str
+    state: dict[str, torch.Tensor]
+    unused: dict[str, list[str]]  # why -> names of the file's tensors left out
+    recomputed: int  # buffers dropped (rebuilt by the model)
+
+
+def _rename(state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    out = {}
     for key, value in state.items():
-        if not key.endswith(TABLE_SUFFIX) or key not in target:
-            continue
-        if value.shape[0] == plane:
-            slice0 = value
-        else:  # a 3D table: (2Wt - 1) planes, temporal distance 0 in the middle
-            slice0 = value.view(2 * wt - 1, plane, -1)[wt - 1]
-        out[key] = slice0.repeat(2 * wt - 1, 1)
+        prefix = next((p for p in names if key.startswith(p)), None)
+        out[key if prefix is None else names[prefix] + key[len(prefix) :]] = value
     return out
+
+
+def read_checkpoint(state: dict[str, torch.Tensor]) -> _Source:
+    """Recognise a Video Swin / Swin / BEVT checkpoint's layout and give its tensors this project's names
+    (``encoder.*``, ``decoders.*``, ``decoder_norm.*``, ``head.*``)."""
+    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    recomputed = [k for k in state if k.rsplit(".", 1)[-1] in RECOMPUTED]
+    state = {k: v for k, v in state.items() if k not in recomputed}
+    unused: dict[str, list[str]] = {}
+    if any(k.startswith("backbone.") for k in state):
+        bevt = any(k.startswith(("backbone.patch_embed_2d.", "backbone.lm_down")) for k in state)
+        kind = "BEVT release checkpoint" if bevt else "Video Swin (mmaction) checkpoint"
+        tokenizer = [k for k in state if k.startswith(BEVT_TOKENIZER)]
+        if tokenizer:
+            unused["BEVT's frozen dVAE tokenizer"] = tokenizer
+        state = _rename(
+            {k: v for k, v in state.items() if k not in tokenizer},
+            BEVT_RELEASE_NAMES if bevt else MMACTION_NAMES,
+        )
+        if "encoder.mask_token" in state:  # the release's is (1, 1, C)
+            state["encoder.mask_token"] = state["encoder.mask_token"].reshape(-1)
+        upsample = state.get("decoders.video.upsample.weight")
+        if upsample is not None and upsample.ndim == 5:  # (C, C, 1, 2, 2) -> (C, C, 2, 2)
+            state["decoders.video.upsample.weight"] = upsample.squeeze(2)
+    elif any(k.startswith("encoder.") for k in state):
+        bevt = any(k.startswith(("decoders.", "decoder_norm.")) for k in state)
+        kind = f"this project's {'BEVT' if bevt else 'recognition'} run"
+    else:  # a bare encoder: Swin 2D (ImageNet), or encoder weights of this project's names
+        kernel = state.get("patch_embed.proj.weight")
+        kind = "Swin 2D checkpoint" if kernel is not None and kernel.ndim == 4 else "bare encoder weights"
+        head = [k for k in state if k.startswith("head.")]
+        if head:
+            unused["its image classifier"] = head
+        state = {f"encoder.{k}": v for k, v in state.items() if k not in head}
+    return _Source(kind, state, unused, len(recomputed))
+
+
+def resize_table(table: torch.Tensor, sides: tuple[int, int]) -> torch.Tensor:
+    """A 2D bias table ((2a - 1)^2, heads) resized bicubically to (sides[0] * sides[1], heads)."""
+    side = math.isqrt(table.shape[0])
+    grid = table.T.reshape(1, table.shape[1], side, side).float()  # (1, heads, 2a - 1, 2a - 1)
+    resized = F.interpolate(grid, size=sides, mode="bicubic", align_corners=False)
+    return resized.reshape(table.shape[1], -1).T.to(table.dtype)
+
+
+def inflate_image_weights(
+    state: dict[str, torch.Tensor], encoder: VideoSwin, prefix: str = "encoder."
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Turn image (2D) encoder weights into video ones for ``encoder`` (keys under ``prefix``).
+
+    - A Swin 2D checkpoint's ``patch_embed.proj`` (4-D kernel) and ``patch_embed.norm`` are the image
+      stream's: they become ``proj2d`` and (with per-stream norms) also ``norm2d``. Otherwise, with per-stream
+      norms, the video stream's norm starts as the image stream's.
+    - The 3D patch embedding repeats the 2D kernel over its temporal size and divides by it, so a video of
+      one repeated frame gives the image's patch tokens in every temporal slot.
+    - Each bias table's temporal-distance-0 plane (a 2D table, resized bicubically when it was made for
+      another window, or the slice the image stream trained in a 3D one) is repeated over every temporal
+      offset.
+    Returns the new state and a few words on what was done.
+    """
+    state, done = dict(state), []
+    p = f"{prefix}patch_embed."
+    kernel = state.get(f"{p}proj.weight")
+    two_d = kernel is not None and kernel.ndim == 4
+    per_stream = encoder.patch_embed.norm2d is not None
+    for part in ("weight", "bias"):
+        if two_d:
+            if f"{p}proj.{part}" in state:
+                state[f"{p}proj2d.{part}"] = state.pop(f"{p}proj.{part}")
+            if per_stream and f"{p}norm.{part}" in state:
+                state[f"{p}norm2d.{part}"] = state[f"{p}norm.{part}"].clone()
+        elif per_stream and f"{p}norm2d.{part}" in state:
+            state[f"{p}norm.{part}"] = state[f"{p}norm2d.{part}"].clone()
+    if per_stream and (two_d or f"{p}norm2d.weight" in state):
+        done.append("the image patch norm for both streams")
+    frames = encoder.shape.patch[0]
+    if f"{p}proj2d.weight" in state:
+        state[f"{p}proj.weight"] = state[f"{p}proj2d.weight"].unsqueeze(2).repeat(1, 1, frames, 1, 1) / frames
+        if f"{p}proj2d.bias" in state:
+            state[f"{p}proj.bias"] = state[f"{p}proj2d.bias"].clone()
+        done.append(f"patch kernel repeated over {frames} frames / {frames}")
+    wt, wh, ww = encoder.shape.window
+    plane, resized = (2 * wh - 1) * (2 * ww - 1), set()
+    for key, table in list(state.items()):
+        if not key.endswith(TABLE_SUFFIX):
+            continue
+        if two_d:
+            side = math.isqrt(table.shape[0])
+            if side * side != table.shape[0] or side % 2 == 0:
+                continue  # not a 2D table: reported as a shape mismatch
+            if side * side != plane:
+                table = resize_table(table, (2 * wh - 1, 2 * ww - 1))
+                resized.add((side + 1) // 2)
+        elif table.shape[0] == (2 * wt - 1) * plane:
+            table = table.view(2 * wt - 1, plane, -1)[wt - 1]  # temporal distance 0, the middle plane
+        else:
+            continue
+        state[key] = table.repeat(2 * wt - 1, 1)
+    done.append(f"bias tables repeated over {2 * wt - 1} temporal offsets")
+    if resized:
+        windows = ", ".join(str(w) for w in sorted(resized))
+        done.append(f"resized bicubically from window {windows} to {wh}x{ww}")
+    return state, ", ".join(done)
+
+
+def _module(key: str) -> str:
+    """What to call a tensor in the load note: its encoder module, or the top-level module outside it."""
+    if key.startswith(BEVT_TOKENIZER):
+        return BEVT_TOKENIZER.rstrip(".")
+    if not key.startswith("encoder."):
+        return key.split(".")[0]
+    return key.removesuffix(".weight").removesuffix(".bias")
+
+
+def _names(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"[{', '.join(keys[:limit])}{more}]"
+
+
+def _other_norm_layouts(state: dict, own: dict) -> tuple[list[str], list[str]]:
+    """Map (in place) norms of a file made with the other norm layout onto this model's: an earlier-layout
+    run's one patch-embedding norm becomes both streams'; the released BEVT's shared decoder norm becomes a
+    recognizer's final norm (as BEVT's release fine-tunes). Returns notes and the prefixes of tensors that
+    may then stay fresh."""
+    notes, may_be_fresh = [], []
+    patch = "encoder.patch_embed."
+    if "encoder.norm3.weight" in state and "encoder.norm3.weight" not in own:
+        stage4 = ", its stage-4 norm the final norm" if "encoder.norm.weight" in own else ""
+        notes.append(f"norms of the earlier layout (bevt.norms: encoder): its stage-3 norm not used{stage4}")
+        shared = f"{patch}norm.weight" in state and f"{patch}norm.bias" in state
+        if shared and f"{patch}norm2d.weight" in own and f"{patch}norm2d.weight" not in state:
+            for part in ("weight", "bias"):
+                state[f"{patch}norm2d.{part}"] = state[f"{patch}norm.{part}"].clone()
+            notes.append("its one patch-embedding norm initialises both streams'")
+    final = "encoder.norm.weight"
+    shared = "decoder_norm.weight" in state and "decoder_norm.bias" in state
+    if shared and "decoder_norm.weight" not in own and final in own and final not in state:
+        if state["decoder_norm.weight"].shape == own[final].shape:
+            for part in ("weight", "bias"):
+                state[f"encoder.norm.{part}"] = state.pop(f"decoder_norm.{part}")
+            notes.append("the final norm from the norm the decoders share (as BEVT's release)")
+        else:
+            may_be_fresh.append("encoder.norm.")
+            width = state["decoder_norm.weight"].shape[0]
+            notes.append(
+                f"the final norm left fresh: the decoders' shared norm is {width} wide, stage 4 "
+                f"{own[final].shape[0]} (bevt.decoder_dim)"
+            )
+    return notes, may_be_fresh
 
 
 def load_encoder_weights(model: nn.Module, state: dict[str, torch.Tensor], inflate: bool = False) -> str:
     """Load ``state`` into a model holding a VideoSwin as ``encoder`` (BEVT, SwinRecognizer).
 
-    Keys are matched as they are, or, for a bare encoder's weights, under ``encoder.``. Everything under
-    ``encoder.`` must match; other keys (another task's decoders or head) load where shapes agree. Returns a
-    one-line account: what was loaded, inflated, left at its initialisation and dropped.
+    Reads official Video Swin (mmaction: ``backbone.``, ``cls_head.fc_cls`` -> the recognizer's head),
+    Swin 2D (ImageNet; inflated), BEVT's released pretraining checkpoints and this project's runs, of either
+    norm layout. Recomputed buffers are dropped; the model's extras (mask token, 2D patch embedding and its
+    norm, ``norm3``) and modules outside the encoder (decoders, heads) that the file lacks keep their
+    initialisation; a head or decoder of another size or of another task is left out. Anything else missing,
+    unexpected or of another shape under ``encoder.`` is one ValueError naming the tensors. Returns a one-line
+    account: the file's kind, what was loaded, inflated, left at its initialisation and not used.
     """
-    if not any(k.startswith("encoder.") for k in state):
-        state = {f"encoder.{k}": v for k, v in state.items()}
-    encoder = model.encoder
-    inflate = inflate or state.get("encoder.patch_embed.proj.weight", torch.empty(0, 0, 0, 0, 0)).ndim == 4
-    if inflate:
-        inflated = inflate_image_weights(state, encoder, "encoder.")
-        state = {**{k: v for k, v in state.items() if not k.startswith("encoder.")}, **inflated}
+    source = read_checkpoint(state)
+    state, unused, notes = source.state, source.unused, []
     own = model.state_dict()
-    fits = {k: k in own and v.shape == own[k].shape for k, v in state.items()}
-    wrong = [k for k, ok in fits.items() if k.startswith("encoder.") and not ok]
-    missing = [k for k in own if k.startswith("encoder.") and k not in state]
-    if wrong or missing:
+    kernel = state.get("encoder.patch_embed.proj.weight")
+    if inflate or (kernel is not None and kernel.ndim == 4):
+        state, done = inflate_image_weights(state, model.encoder)
+        notes.append(f"image weights inflated ({done})")
+    layout_notes, may_be_fresh = _other_norm_layouts(state, own)
+    notes += layout_notes
+    heads = [k for k in state if k.startswith("head.")]
+    source_bevt = any(k.startswith(("decoders.", "decoder_norm.")) for k in state)
+    if heads and source_bevt != any(k.startswith("decoders.") for k in own):
+        # BEVT's prediction head is no classifier, nor the reverse
+        unused["the pretraining head" if source_bevt else "its classifier"] = heads
+        state = {k: v for k, v in state.items() if k not in heads}
+
+    usable, wrong, unexpected = {}, [], []
+    for key, value in state.items():
+        if key in own and value.shape == own[key].shape:
+            usable[key] = value
+        elif key in own and key.startswith("encoder."):
+            wrong.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+        elif key in own:
+            unused.setdefault("another size than this model's", []).append(key)
+        elif key.startswith(OTHER_LAYOUT):
+            unused.setdefault("norms this layout does not have", []).append(key)
+        elif key.startswith(("decoders.", "decoder_norm.", "head.")):
+            unused.setdefault("this model has none", []).append(key)
+        else:
+            unexpected.append(key)
+    optional = (*EXTRAS, *may_be_fresh)
+    missing = [k for k in own if k not in state and k.startswith("encoder.") and not k.startswith(optional)]
+    if missing or unexpected or wrong:
+        problems = [
+            f"{what} {_names(keys)}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shapes differ at", wrong))
+            if keys
+        ]
+        shape = model.encoder.shape
         raise ValueError(
-            f"the weights do not fit this {encoder.shape} encoder: shapes differ at {wrong[:5]}, missing "
-            f"{missing[:5]} (is swin.name the one the weights were trained with?)"
+            f"the weights ({source.kind}) do not fit this encoder (embed {shape.embed_dim}, depths "
+            f"{list(shape.depths)}, window {list(shape.window)}): {'; '.join(problems)} "
+            "(is swin.name the one the weights were trained with?)"
         )
-    usable = {k: v for k, v in state.items() if fits[k]}  # another task's head of another size is left out
     model.load_state_dict(usable, strict=False)
-    fresh = sorted({k.rsplit(".", 1)[0] for k in own if k not in usable})
-    dropped = sorted({k.split(".")[0] for k in state if not fits[k]})
+    if "head.weight" in usable:
+        notes.append(f"head loaded ({usable['head.weight'].shape[0]} outputs)")
+    fresh = sorted({_module(k) for k in own if k not in usable})
+    left_out = "; ".join(f"{_names({_module(k) for k in keys})} ({why})" for why, keys in unused.items())
+    recomputed = f"; {source.recomputed} recomputed buffers dropped" if source.recomputed else ""
     return (
-        f"{len(usable)} tensors loaded{' (image weights inflated)' if inflate else ''}; "
-        f"initialised afresh: {fresh or 'nothing'}; not used: {dropped or 'nothing'}"
+        f"{source.kind}: {len(usable)} tensors loaded; {'; '.join([*notes, ''])}initialised afresh: "
+        f"{_names(fresh, 12) if fresh else 'nothing'}; not used: {left_out or 'nothing'}{recomputed}"
     )

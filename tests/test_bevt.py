@@ -26,9 +26,14 @@ SHAPE = SWIN_SIZES["test"]  # embed 16, depths 1-1-2-1, window (2, 4, 4), patch 
 SIZE = 64  # stage grids 16, 8, 4, 2: the stage-3 grid (4x4) is the target grid
 
 
-def encoder(seed: int = 0) -> VideoSwin:
+def encoder(seed: int = 0, **kwargs) -> VideoSwin:
     torch.manual_seed(seed)
-    return VideoSwin(SHAPE).eval()
+    return VideoSwin(SHAPE, **kwargs).eval()
+
+
+def bevt(seed: int = 0, norms: str = "released") -> BEVT:
+    """BEVT at the test shape: its encoder has no final norm (released) or norms stages 3-4 (encoder)."""
+    return BEVT(encoder(seed, norms=norms, final_norm=False), vocab_size=16, decoder_dim=24)
 
 
 def test_swin_b_has_the_published_shape():
@@ -59,14 +64,15 @@ def test_inflated_image_weights_reproduce_the_image_model_on_a_repeated_frame(fr
     # a 2D checkpoint: the image patch embedding under Swin's name, 2D bias tables (the dt = 0 slices)
     wt, wh, ww = SHAPE.window
     plane = (2 * wh - 1) * (2 * ww - 1)
-    two_d = {k: v for k, v in state.items() if not k.startswith("patch_embed.proj")}
-    two_d["patch_embed.proj.weight"] = state["patch_embed.proj2d.weight"]
-    two_d["patch_embed.proj.bias"] = state["patch_embed.proj2d.bias"]
+    two_d = {k: v for k, v in state.items() if not k.startswith(("patch_embed.proj", "patch_embed.norm"))}
+    for part in ("weight", "bias"):
+        two_d[f"patch_embed.proj.{part}"] = state[f"patch_embed.proj2d.{part}"]
+        two_d[f"patch_embed.norm.{part}"] = state[f"patch_embed.norm2d.{part}"]
     for key, value in state.items():
         if key.endswith("relative_position_bias_table"):
             two_d[key] = value.view(2 * wt - 1, plane, -1)[wt - 1]
     video_model = encoder(1)
-    video_model.load_state_dict(inflate_image_weights(two_d, video_model))
+    video_model.load_state_dict(inflate_image_weights(two_d, video_model, prefix="")[0])
 
     frame = torch.randn(2, 3, SIZE, SIZE)
     clip = frame.unsqueeze(2).expand(2, 3, frames, SIZE, SIZE)  # one frame repeated
@@ -91,8 +97,9 @@ def bevt_batches(model: BEVT, batch: int = 2, frames: int = 4, vocab: int = 16, 
     }
 
 
-def test_every_shared_weight_gets_gradients_from_both_streams():
-    model = BEVT(encoder(), vocab_size=16, decoder_dim=24)
+@pytest.mark.parametrize("norms", ["released", "encoder"])
+def test_every_shared_weight_gets_gradients_from_both_streams(norms):
+    model = bevt(norms=norms)
     batches = bevt_batches(model)
     grads = {}
     for name in ("image", "video"):
@@ -102,13 +109,19 @@ def test_every_shared_weight_gets_gradients_from_both_streams():
         grads[name] = {
             k for k, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
         }
-    own = {
-        "image": ("patch_embed.proj2d", "decoders.image"),
-        "video": ("patch_embed.proj.", "decoders.video"),
+    own = {  # released norms: each stream's patch-embedding norm is its own
+        "image": ("patch_embed.proj2d", "patch_embed.norm2d", "decoders.image"),
+        "video": (
+            "patch_embed.proj.",
+            "decoders.video",
+            *(("patch_embed.norm.",) if norms == "released" else ()),
+        ),
     }
     everything = {k for k, _ in model.named_parameters()}
     shared = {k for k in everything if not any(part in k for parts in own.values() for part in parts)}
     assert "encoder.mask_token" in shared and "head.weight" in shared
+    assert ("decoder_norm.weight" in shared) == (norms == "released")
+    assert ("encoder.norm3.weight" in shared) == (norms == "encoder")
     assert any(k.endswith("relative_position_bias_table") for k in shared)
     for name in ("image", "video"):
         assert shared <= grads[name], (
@@ -118,8 +131,27 @@ def test_every_shared_weight_gets_gradients_from_both_streams():
         assert not any(part in k for k in grads[name] for part in own[other])  # the other stream's own parts
 
 
+def test_released_norms_feed_the_decoders_raw_stages():
+    model = bevt().eval()  # the decoders' shared norm: see the gradient test (both streams reach it)
+    assert model.encoder.norm is None and model.encoder.norm3 is None
+    assert all(decoder.norm is None for decoder in model.decoders.values())
+    images = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        tokens, stages = model.encoder.patch_embed(images), []
+        for stage in model.encoder.layers:
+            for block in stage.blocks:
+                tokens = block(tokens)
+            stages.append(tokens)
+            if stage.downsample is not None:
+                tokens = stage.downsample(tokens)
+        for got, want in zip(model.encoder(images), stages, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="final_norm=False"):
+        BEVT(encoder(), vocab_size=16, decoder_dim=24)
+
+
 def test_loss_counts_masked_cells_only():
-    model = BEVT(encoder(), vocab_size=16, decoder_dim=24).eval()
+    model = bevt().eval()
     batches = bevt_batches(model)
     for name in ("image", "video"):
         inputs, mask, targets = batches[name]
@@ -134,23 +166,25 @@ def test_loss_counts_masked_cells_only():
 
 
 def test_grid_mismatch_is_a_clear_error():
-    model = BEVT(encoder(), vocab_size=16, decoder_dim=24)
+    model = bevt()
     images, mask, _ = bevt_batches(model)["image"]
     with pytest.raises(ValueError, match="same grid"):
         model({"image": (images, mask, torch.zeros(2, 3, 3, dtype=torch.long))}, {"image": 1.0})
 
 
 def test_encoder_weights_move_between_pretraining_and_recognition():
-    pretrained = BEVT(encoder(0), vocab_size=16, decoder_dim=24)
+    pretrained = bevt(0)
     recognizer = SwinRecognizer(encoder(1), num_classes=5)
     note = load_encoder_weights(recognizer, pretrained.state_dict())
     for key, value in pretrained.encoder.state_dict().items():
         torch.testing.assert_close(recognizer.encoder.state_dict()[key], value)
-    assert "head" in note and "decoders" in note  # the new head kept, the decoders not used
+    assert "initialised afresh: [encoder.norm, head]" in note  # the decoders' norm is 24 wide, stage 4 128
+    assert "[decoder_norm, decoders] (this model has none)" in note
     # a bare 2D Swin encoder checkpoint (keys without "encoder.", 4-D patch kernel) is inflated on the way
-    bare = {k: v for k, v in encoder(2).state_dict().items() if k != "patch_embed.proj.bias"}
+    bare = {k: v for k, v in encoder(2).state_dict().items() if not k.startswith("patch_embed.proj.")}
     bare["patch_embed.proj.weight"] = bare.pop("patch_embed.proj2d.weight")
     bare["patch_embed.proj.bias"] = bare.pop("patch_embed.proj2d.bias")
+    del bare["patch_embed.norm2d.weight"], bare["patch_embed.norm2d.bias"]
     note = load_encoder_weights(recognizer, bare)
     assert "inflated" in note
     kernel = recognizer.encoder.patch_embed.proj.weight
@@ -196,7 +230,7 @@ def bevt_overrides(data: dict, run_dir: Path, **extra) -> list[str]:
         "swin.image_size": SIZE,
         "swin.drop_path": 0.0,
         "bevt.stage": "joint",
-        "bevt.decoder_dim": 24,
+        "bevt.decoder_dim": 128,  # stage 4's width, as released: its shared norm becomes the final norm
         "bevt.mask.min_block": 2,
         "bevt.mask.tube_min": 1,
         "bevt.mask.tube_max": 2,
@@ -247,7 +281,8 @@ def test_two_stage_pretraining_then_fine_tuning(bevt_data, tmp_path):
     result = launch([*args, "swin.num_classes=8", "train.steps=2"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top1" in json.loads((finetune / "eval.json").read_text())
-    assert "not used: ['decoders'" in result.stdout  # the pretraining decoders were left behind
+    assert "[decoders] (this model has none)" in result.stdout  # the pretraining decoders were left behind
+    assert "the final norm from the norm the decoders share" in result.stdout
 
 
 def test_short_two_stage_pretraining_learns_both_streams(bevt_data, tmp_path):
@@ -269,9 +304,11 @@ def test_short_two_stage_pretraining_learns_both_streams(bevt_data, tmp_path):
 
 def test_stage2_on_two_ranks_completes_and_resumes(bevt_data, tmp_path):
     """Stage 2 on 2 ranks with the tokenizer partitioned by ZeRO-3 inference (the frozen backbone's
-    machinery), interrupted after 2 steps and resumed to 4."""
+    machinery), interrupted after 2 steps and resumed to 4; with the project's earlier norms and per-block
+    tubes (the options beside the released ones)."""
     run_dir = tmp_path / "run"
     zero3 = {"train.frozen_deepspeed_config": "deepspeed_configs/frozen_zero3.json"}
+    zero3.update({"bevt.norms": "encoder", "bevt.mask.video": "per_block"})
     args = bevt_overrides(bevt_data, run_dir, **{"train.steps": 2, "checkpoint.every": 2}, **zero3)
     result = launch(args, ranks=2, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -293,6 +330,8 @@ def test_bevt_config_errors_are_one_line(bevt_data, tmp_path):
         "bevt.tokenizer.path=/nonexistent.pt": "bevt.tokenizer.path",
         "swin.image_size=96": "grid",  # a 6x6 stage-3 grid against the tokenizer's 4x4 codes
         "bevt.stage=video": "bevt.stage",
+        "bevt.norms=shared": "bevt.norms",
+        "bevt.mask.video=tubes": "bevt.mask.video",
         "swin.init_from=/nonexistent": "swin.init_from: /nonexistent does not exist",
         f"swin.init_from={bevt_data['codebook']}": "swin.init_from",  # not a model's weights
         "swin.name=demo": "grid",

@@ -48,7 +48,7 @@ class BEVTTrainer(Trainer):
         cfg = self.cfg
         self.streams = cfg.bevt.streams
         self.image_size = cfg.swin.image_size
-        encoder = build_swin(cfg.swin)
+        encoder = build_swin(cfg.swin, cfg.bevt.norms, final_norm=False)  # the decoders' shared norm instead
         self.tokenizer_module, self.tokenize = self._build_tokenizer()
         grid = self.image_size // encoder.stride
         if self.tokenizer_module.grid != grid:

@@ -460,7 +460,7 @@ RESUME_FIXED = {
     ),
     "video_swin": ("swin.name", "swin.num_classes"),
     "retrieval": ("text.name", "text.pretrained", "text.random_token_std", "data.tokenizer"),
-    "bevt": ("bevt.stage", "bevt.decoder_dim", "bevt.tokenizer"),
+    "bevt": ("bevt.stage", "bevt.decoder_dim", "bevt.tokenizer", "bevt.norms"),
 }
 RESUME_IGNORED = ("run_dir", "checkpoint.resume")  # equal by construction, or what asks for the resume
 ABSENT = "(not in the old config)"  # the old value of a key that config.yaml did not have (older code)
