@@ -119,6 +119,7 @@ def test_make_synthetic_images(tmp_path):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "classes.txt",
         "test-000000.tar",
         "train-000000.tar",
         "train-000001.tar",
