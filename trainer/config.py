@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import re
+import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +174,10 @@ def read_yaml(path: str) -> DictConfig:
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    """Write the resolved config to ``path`` atomically (a kill never leaves it half written or absent)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(path)
 
 
 def resolve_deepspeed_config(cfg: RunConfig, world_size: int, bf16_supported: bool, params: int = 0) -> dict:
@@ -489,11 +493,11 @@ class ResumeChanges:
         return f"resuming {self.tag} with changed settings (old -> new): {items}"
 
     def keep_previous(self) -> Path:
-        """Rename the earlier config.yaml out of the way of this run's; returns where it went."""
+        """Copy the earlier config.yaml aside before this run's replaces it; returns where it went."""
         kept, n = self.previous.with_name(f"config.until-{self.tag}.yaml"), 1
         while kept.exists():  # resumed from the same checkpoint before
             kept, n = self.previous.with_name(f"config.until-{self.tag}.{n}.yaml"), n + 1
-        self.previous.rename(kept)
+        shutil.copy2(self.previous, kept)  # a copy: config.yaml itself never goes missing
         return kept
 
 
