@@ -268,7 +268,8 @@ def test_resuming_with_a_changed_batch_size_keeps_the_old_config(tmp_path):
         "data.batch_size: 4 -> 2; train.seed: 0 -> 7"
     )
     kept = changes.keep_previous()
-    assert kept == tmp_path / "config.until-step00000002.yaml" and (tmp_path / "config.yaml").exists()  # a copy
+    assert kept == tmp_path / "config.until-step00000002.yaml"
+    assert (tmp_path / "config.yaml").exists()  # kept as a copy: config.yaml never goes missing
     assert "batch_size: 4" in kept.read_text()
     dump_config(cfg, tmp_path / "config.yaml")
     assert resume_changes(cfg) is None  # the same settings again: nothing to say
