@@ -221,7 +221,7 @@ def one_rank(monkeypatch):
     monkeypatch.setattr(ckpt, "barrier", lambda: None)
     monkeypatch.setattr(ckpt, "broadcast_object", lambda obj: obj)
     monkeypatch.setattr(ckpt, "all_reduce_sum", lambda values, device: values)
-    monkeypatch.setattr("trainer.safe_load.use_safe_loading", lambda engine: None)
+    monkeypatch.setattr(ckpt, "use_safe_loading", lambda engine: None)
     return DistInfo(0, 0, 1, torch.device("cpu"))
 
 

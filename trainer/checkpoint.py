@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
-from trainer.safe_load import CorruptFileError, safe_torch_load
+from trainer.safe_load import CorruptFileError, UnsafeFileError, safe_torch_load, use_safe_loading
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,6 @@ class Checkpointer:
 
     def _load_one(self, engine, tag: str) -> str | None:
         """Load ``tag`` into the engine; None when it loaded, else why not. Refused (unsafe) files raise."""
-        from trainer.safe_load import UnsafeFileError, use_safe_loading
-
         use_safe_loading(engine)
         try:
             loaded, _ = engine.load_checkpoint(

@@ -187,13 +187,12 @@ class Trainer:
         return {"step": self.step, "batches_seen": self.batches_seen, "data": self.data_state}
 
     def save(self) -> None:
-        bad = all_reduce_sum([len(nonfinite_tensors(self.engine.module))], self.dist.device)[0]
-        if bad:
-            last = self.checkpointer.last
+        bad = nonfinite_tensors(self.engine.module)
+        if all_reduce_sum([len(bad)], self.dist.device)[0]:
             raise DivergenceError(
                 f"step {self.step}: the model holds non-finite values (e.g. "
-                f"{(nonfinite_tensors(self.engine.module) or ['on another rank'])[0]}); no checkpoint was "
-                f"written; last good checkpoint: {last or 'none'}"
+                f"{(bad or ['on another rank'])[0]}); no checkpoint was written; "
+                f"last good checkpoint: {self.checkpointer.last or 'none'}"
             )
         state = self.train_state()
         path = self.checkpointer.save(self.engine, self.step, state)
