@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.shards import VIDEO_EXTENSIONS
+from data.decode import VIDEO_EXTENSIONS
 from data.writer import safe_key
 
 # Suffixes of video files: what the id-named formats look up and what marks a CSV cell as a video path.

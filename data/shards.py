@@ -40,20 +40,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data.augment import ClipRandAugment
-from data.video import (
-    VideoDecodeError,
-    crop_boxes,
-    crop_resize,
-    open_video,
-    random_resized_crop_box,
-    read_frames,
-    read_frames_at,
-    segment_indices,
-)
+from data.decode import VIDEO_EXTENSIONS, VideoDecodeError, open_video, read_frames
+from data.video import crop_boxes, crop_resize, random_resized_crop_box, read_frames_at, segment_indices
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
 SKIP_KINDS = (
     "decode_error",
     "missing_video",

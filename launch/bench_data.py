@@ -11,7 +11,12 @@ interleaved runs):
 - ``decord``: a bare decord decode of the same frames straight to the output size, in this process, and
   ``pyav``: PyAV decoding up to the last sampled frame, scaling each sampled frame to the output size.
 Without ``--shards`` it first writes synthetic H.264 shards (``--synthetic``: 64 videos of 256 px and 64
-frames) to a temporary directory.
+frames) to a temporary directory: moving shapes on a flat background, or with ``--texture`` a random
+textured scene panning past the camera at 30 fps, which costs a decoder about what camera footage does.
+
+``--short-side S`` also re-encodes the same videos to shorter side S exactly as ``launch.make_shards
+--short-side S`` does (``data.packing.transcode``) and measures the pipeline on those shards too:
+``short{S}_pipeline_wN`` and its ratio to the originals, ``short{S}_over_original_wN``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.decode import VIDEO_EXTENSIONS
 from data.shards import DataConfig, SkipSample, build_loader, expand_shards, sample_rng, video_bytes
 from data.video import open_video, read_frames, segment_indices
 
@@ -89,12 +95,43 @@ def bench_pyav(videos: list[tuple[str, bytes]], frames: int, size: int, clips: i
     return clips / (time.perf_counter() - start)
 
 
-def synthetic_shards(out: Path, videos: int = 64, size: int = 256, frames: int = 64) -> str:
-    from data.synthetic import synthetic_samples
+def synthetic_shards(
+    out: Path, videos: int = 64, size: int = 256, frames: int = 64, texture: bool = False
+) -> str:
+    from data.synthetic import encode_mp4, synthetic_samples, textured_clip
     from data.writer import write_shards
 
-    samples = synthetic_samples(videos, 0, size=size, frames=frames, prefix="bench")
+    if texture:
+        rng = np.random.default_rng(0)
+        samples = (
+            (f"bench{i:06d}", "mp4", encode_mp4(textured_clip(rng, size, size, frames), fps=30), i % 8, None)
+            for i in range(videos)
+        )
+    else:
+        samples = synthetic_samples(videos, 0, size=size, frames=frames, prefix="bench")
     written = write_shards(samples, out, "bench", max_count=max(1, videos // 4))
+    return "::".join(str(path) for path in written)
+
+
+def short_side_shards(urls: list[str], out: Path, short_side: int, crf: int = 23) -> str:
+    """The shards at ``urls`` with every video re-encoded as ``make_shards --short-side`` re-encodes it."""
+    import webdataset as wds
+
+    from data.packing import transcode
+    from data.writer import ShardTar
+
+    written = []
+    for number, url in enumerate(urls):
+        shard = ShardTar(out / f"short-{number:06d}.tar")
+        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+            video = next((ext for ext in VIDEO_EXTENSIONS if ext in sample), None)
+            if video is None:
+                continue
+            members = {name: data for name, data in sample.items() if not name.startswith("__")}
+            members["mp4"] = transcode(members.pop(video), short_side, None, crf)[0]
+            shard.add(sample["__key__"], members)
+        shard.close()
+        written.append(shard.path)
     return "::".join(str(path) for path in written)
 
 
@@ -110,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per figure (the best is kept)")
     parser.add_argument("--json", help="write the records here")
     parser.add_argument(
+        "--short-side", type=int, help="also measure the videos re-encoded to this shorter side (even)"
+    )
+    parser.add_argument(
+        "--texture", action="store_true", help="synthetic videos of a panning textured scene, at 30 fps"
+    )
+    parser.add_argument(
         "--synthetic",
         type=int,
         nargs=3,
@@ -120,11 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        spec = args.shards or synthetic_shards(Path(tmp), *args.synthetic)
+        spec = args.shards or synthetic_shards(Path(tmp), *args.synthetic, texture=args.texture)
         videos = videos_in(expand_shards(spec))
         if not videos:
             print(f"no videos in {spec}", file=sys.stderr)
             return 2
+        short = f"short{args.short_side}"
+        if args.short_side:
+            (Path(tmp) / short).mkdir()
+            short_spec = short_side_shards(expand_shards(spec), Path(tmp) / short, args.short_side)
         records = []
         for frames in args.frames:
             row = {"frames": frames, "size": args.size, "videos": len(videos)}
@@ -137,12 +184,19 @@ def main(argv: list[str] | None = None) -> int:
                 measures[name] = functools.partial(
                     bench_pipeline, spec, frames, args.size, workers, args.clips, resize
                 )
+            for workers in args.workers if args.short_side else ():
+                measures[f"{short}_pipeline_w{workers}"] = functools.partial(
+                    bench_pipeline, short_spec, frames, args.size, workers, args.clips, False
+                )
             for _ in range(args.repeats):  # interleaved, best of each: machine noise only slows runs down
                 for name, measure in measures.items():
                     row[name] = max(row.get(name, 0.0), measure())
             if "pipeline_w1" in row:  # the acceptance figure: one worker against bare decord
                 for name in ("pipeline_w1", "pipeline_w1_decode_resize"):
                     row[f"{name}_over_decord"] = row[name] / row["decord"]
+            for workers in args.workers if args.short_side else ():
+                name = f"pipeline_w{workers}"
+                row[f"{short}_over_original_w{workers}"] = row[f"{short}_{name}"] / row[name]
             records.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
     print(table(records))

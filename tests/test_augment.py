@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data.augment import DeviceAugment
+from data.decode import open_video
 from data.shards import DataConfig, build_loader
 from tests.conftest import TINY_FRAMES, TINY_SIZE, launch, tiny_overrides
 
@@ -61,9 +62,23 @@ def test_training_with_device_augmentation_runs_end_to_end(tiny_shards, tmp_path
 def test_bench_data_measures_every_path(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--frames", "4", "--workers", "1", "--size", "32", "--clips", "8", "--repeats", "1",
-            "--synthetic", "8", "64", "8", "--json", str(out)]  # fmt: skip
+            "--synthetic", "8", "64", "8", "--texture", "--short-side", "32", "--json", str(out)]  # fmt: skip
     result = launch(args, script="launch/bench_data.py", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = json.loads(out.read_text())
-    for name in ("decord", "pyav", "pipeline_w1", "pipeline_w1_decode_resize"):
+    for name in ("decord", "pyav", "pipeline_w1", "pipeline_w1_decode_resize", "short32_pipeline_w1"):
         assert record[name] > 0, record
+    assert record["short32_over_original_w1"] == record["short32_pipeline_w1"] / record["pipeline_w1"]
+
+
+def test_bench_data_short_side_shards_hold_the_resized_videos(tmp_path):
+    from launch.bench_data import short_side_shards, synthetic_shards, videos_in
+
+    spec = synthetic_shards(tmp_path, videos=4, size=64, frames=6, texture=True)
+    (tmp_path / "short").mkdir()
+    short = short_side_shards(spec.split("::"), tmp_path / "short", 32)
+    originals, resized = videos_in(spec.split("::")), videos_in(short.split("::"))
+    assert [key for key, _ in resized] == [key for key, _ in originals]
+    for _, video in resized:
+        reader = open_video(video)
+        assert (len(reader), *reader[0].shape) == (6, 32, 32, 3)

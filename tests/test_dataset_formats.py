@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data import packing
 from data.captions import parse_captions
 from data.images import build_image_loader
 from data.shards import DataConfig
@@ -402,7 +403,7 @@ def test_a_killed_pack_resumes_into_the_same_bytes(tmp_path):
     ids=["as-is", "short-side", "forkserver"],
 )
 def test_two_workers_write_the_same_shards_as_one(tmp_path, monkeypatch, reencode, method):
-    monkeypatch.setattr(make_shards, "START_METHOD", method)  # None: fork here, where it is safe
+    monkeypatch.setattr(packing, "START_METHOD", method)  # None: fork here, where it is safe
     videos, labels = csv_tree(tmp_path, 9)
     outs = {workers: tmp_path / f"workers{workers}" for workers in (1, 2)}
     for workers, out in outs.items():
@@ -457,7 +458,7 @@ def test_reencoding_gives_the_same_bytes_every_time():
     sources = [mp4(seed) for seed in range(24)]
     for side in (26, 30):
         for data in sources:
-            assert len({make_shards.transcode(data, side, None, 23)[0] for _ in range(4)}) == 1
+            assert len({packing.transcode(data, side, None, 23)[0] for _ in range(4)}) == 1
 
 
 @pytest.mark.parametrize(

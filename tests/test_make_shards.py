@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from data.shards import VIDEO_EXTENSIONS, DataConfig, build_loader
 from data.synthetic import encode_mp4, render_clip
 from launch.make_shards import main
+from tests.conftest import REPO, launch
 
 MOTIONS = ("left", "right", "up", "down")
 
@@ -226,3 +229,39 @@ def test_decoder_failures_are_worded_for_people(tmp_path, capsys, kind, reason):
     assert f"left out: bad.mp4: {reason}\n" in out.err
     assert "cannot find video stream" not in out.err and ".cc:" not in out.err  # no decord internals
     assert read_back(tmp_path / "out") == {"good.mp4": ("mp4", 0)}
+
+
+def test_bench_shards_times_each_worker_count_on_the_same_shards(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--clips", "6", "--size", "64x48", "--seconds", "0.5", "--fps", "8", "--workers", "1", "2",
+            "--repeats", "1", "--dir", str(tmp_path / "clips"), "--json", str(out)]  # fmt: skip
+    result = launch(args, script="launch/bench_shards.py", timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["frames"] == 4 and record["shards"] == 1
+    assert set(record["wall_s"]) == {"1", "2"} and all(len(runs) == 1 for runs in record["wall_s"].values())
+    assert record["speedup"]["1"] == 1.0 and record["speedup"]["2"] > 0
+    assert len(list((tmp_path / "clips" / "videos").glob("*.mp4"))) == 6  # kept for the next run
+
+
+def test_packing_videos_does_not_load_torch(tmp_path):
+    """make_shards starts in a fraction of a second and forks light workers: packing videos needs no torch."""
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "a.mp4").write_bytes(encode_mp4(render_clip("left", np.random.default_rng(0), 32, 4)))
+    (tmp_path / "labels.csv").write_text("a.mp4,0\n")
+    args = [
+        "--videos",
+        str(tmp_path / "v"),
+        "--labels",
+        str(tmp_path / "labels.csv"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    code = (
+        f"import sys; from launch.make_shards import main; main({args!r}); sys.exit('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:] or "torch was imported"
+    assert "wrote 1 of 1 videos" in result.stdout
