@@ -34,15 +34,14 @@ from trainer.benchmark import BenchConfig, measure
 
 # Side4Video's lean switches, each flipped from its default one at a time (--lean): no side-block
 # checkpointing; plain autograd in the side MLP; norm outputs kept; a bf16 frozen backbone and features beside
-# a float32 side network; eager side attention; every tap collected before the side network runs; every
-# second block tapped; the frozen blocks run 16 images at a time.
+# a float32 side network; eager side attention; every second block tapped; the frozen blocks run 16 images at
+# a time.
 LEAN_SWITCHES = (
     "checkpoint=0",
     "mlp_chunk=0",
     "recompute_norms=0",
     "handover=bfloat16",
     "attention=eager",
-    "stream=0",
     "tap_every=2",
     "frozen_chunk=16",
 )

@@ -222,13 +222,12 @@ class EVLNet(nn.Module):
 
 
 class SideRecognizer(nn.Module):
-    """Side4Video beside its frozen backbone; ``stream=False`` collects every tap before the side network runs
-    (the original code's layout) instead of consuming each as it appears."""
+    """Side4Video beside its frozen backbone, as the trainer runs it (``Side4Video.forward_features``: in
+    training the frozen forward ends before the side network starts)."""
 
-    def __init__(self, backbone: FrozenViT, side: Side4Video, stream: bool = True):
+    def __init__(self, backbone: FrozenViT, side: Side4Video):
         super().__init__()
-        self.backbone, self.side, self.stream = backbone, side, stream
+        self.backbone, self.side = backbone, side
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        taps = self.backbone(frames.flatten(0, 1))
-        return self.side(frames, taps if self.stream else list(taps))
+        return self.side(frames, self.backbone(frames.flatten(0, 1)))

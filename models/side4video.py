@@ -17,7 +17,8 @@ released) or one per block (``per_block``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,6 +286,11 @@ class SideBlock(nn.Module):
         return x + self.mlp(x, output=not recomputing())
 
 
+def _drain(queue: deque) -> Iterator[torch.Tensor]:
+    while queue:
+        yield queue.popleft()
+
+
 class Side4Video(nn.Module):
     """Side network for recognition.
 
@@ -360,7 +366,12 @@ class Side4Video(nn.Module):
         # LayerNorm and BatchNorm default to weight 1, bias 0, as published.
 
     def forward_features(self, frames: torch.Tensor, taps: Iterable[torch.Tensor]) -> torch.Tensor:
-        """Run the stem, then one side block per tap as the taps arrive.
+        """Run the stem, then one side block per tap.
+
+        Under autograd every tap is kept for the backward anyway (its projection's weight gradient needs it),
+        so the frozen backbone runs to its end before the side network starts: the frozen blocks' transients
+        then never coexist with what the side network keeps (BENCHMARKS.md: 13% lower peak at B/16, batch
+        12, float32). Without grad each tap is consumed, and dropped, as the backbone yields it.
 
         Args:
             frames: (B, T, 3, H, W) normalised pixels.
@@ -368,6 +379,8 @@ class Side4Video(nn.Module):
         Returns:
             (B, T, N, d) side tokens.
         """
+        if torch.is_grad_enabled():
+            taps = _drain(deque(taps))  # each one released by the queue as its block takes it
         x = self.stem(frames.transpose(1, 2))  # (B, d, T, h, w)
         x = x.flatten(3).permute(0, 2, 3, 1)  # (B, T, N, d)
         x = self.stem_norm(x)

@@ -69,13 +69,13 @@ def test_zero_initialised_adapters_leave_the_frozen_model_unchanged(name):
 
 
 def test_side_lean_switches_keep_the_outputs():
-    """Checkpointing, eager attention, collecting the taps, the chunked MLP, recomputed norms and the frozen
-    blocks run a few images at a time change memory, not what is computed."""
+    """Checkpointing, eager attention, the chunked MLP, recomputed norms and the frozen blocks run a few
+    images at a time change memory, not what is computed."""
     frames = clips()
     reference = build_method(BenchConfig(method="side4video:checkpoint=0", backbone="tiny", num_classes=5))
     expected = reference(frames)
     F.cross_entropy(expected, torch.tensor([0, 3])).backward()
-    specs = ("side4video", "side4video:attention=eager", "side4video:stream=0,checkpoint=0")
+    specs = ("side4video", "side4video:attention=eager", "side4video:attention=eager,checkpoint=0")
     specs += (
         "side4video:mlp_chunk=0,recompute_norms=0",
         "side4video:mlp_chunk=3",

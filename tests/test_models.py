@@ -96,20 +96,32 @@ def test_taps_have_no_autograd_history():
 
 
 @pytest.mark.parametrize("tap_every", [1, 2])
-def test_side_block_runs_as_soon_as_its_tap_exists(tap_every):
+@pytest.mark.parametrize("grad", [True, False])
+def test_training_runs_the_frozen_backbone_first_evaluation_streams_its_taps(tap_every, grad):
+    """Under autograd every tap is kept anyway: the frozen blocks all run before the first side block, so
+    their transients never meet the side network's saved tensors. Without grad each side block runs as soon
+    as its tap exists (and the tap is dropped after it). The logits are the same either way."""
     backbone, side = build(layers=4, tap_every=tap_every)
     order = []
     for index, layer in enumerate(backbone.blocks):
         layer.register_forward_hook(lambda *_, i=index: order.append(f"backbone{i}"))
     for index, block in enumerate(side.blocks):
         block.register_forward_hook(lambda *_, i=index: order.append(f"side{i}"))
-    run(backbone, side, clips())
-    expected = []
-    for index in range(4):
-        expected.append(f"backbone{index}")
-        if index in backbone.taps:
-            expected.append(f"side{backbone.taps.index(index)}")
+    frames = clips()
+    with torch.set_grad_enabled(grad):
+        logits = run(backbone, side, frames)
+    sides = [f"side{backbone.taps.index(i)}" for i in range(4) if i in backbone.taps]
+    if grad:
+        expected = [f"backbone{index}" for index in range(4)] + sides
+    else:
+        expected = []
+        for index in range(4):
+            expected.append(f"backbone{index}")
+            if index in backbone.taps:
+                expected.append(f"side{backbone.taps.index(index)}")
     assert order == expected
+    with torch.set_grad_enabled(not grad):
+        torch.testing.assert_close(run(backbone, side, frames), logits)
 
 
 @contextmanager

@@ -49,7 +49,6 @@ METHOD_OPTIONS: dict[str, dict[str, str]] = {
         "handover": "",  # dtype of the frozen backbone and its taps ("": the configuration's dtype)
         "attention": "sdpa",  # side attention kernel
         "tap_every": "1",  # tap stride (1: every block)
-        "stream": "1",  # consume each tap as it appears (0: collect all taps first)
         "width": "0",  # side width d (0: the published one)
         "mlp_chunk": str(SideConfig.mlp_chunk),  # tokens per chunk of the side MLP (0: plain autograd)
         # norm outputs recomputed in backward, not kept beside the norm's input
@@ -202,9 +201,7 @@ def build_method(cfg: BenchConfig) -> nn.Module:
             mlp_chunk=int(opts["mlp_chunk"]),
             recompute_norms=opts["recompute_norms"] == "1",
         )
-        model: nn.Module = SideRecognizer(
-            backbone, build_side_network(side_cfg, backbone), opts["stream"] == "1"
-        )
+        model: nn.Module = SideRecognizer(backbone, build_side_network(side_cfg, backbone))
     elif name == "frozen":
         model = FrozenOnly(backbone)
     elif name == "linear_probe":

@@ -71,7 +71,8 @@ class Task:
 
     def forward(self, network, clips: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) normalised clips -> (B, classes) logits, or (B, T, E) frame embeddings for
-        retrieval; side block i runs right after tap i."""
+        retrieval (in training the frozen forward ends before the side network starts; without grad side
+        block i runs right after tap i: ``Side4Video.forward_features``)."""
         if self.frozen is None:
             return network(clips)
         return network(clips, self.frozen(clips.flatten(0, 1)))
