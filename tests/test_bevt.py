@@ -4,6 +4,7 @@ and end-to-end pretraining runs through the trainer (stage 1 -> stage 2 -> fine-
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -336,10 +337,14 @@ def test_bevt_config_errors_are_one_line(bevt_data, tmp_path):
         f"swin.init_from={bevt_data['codebook']}": "swin.init_from",  # not a model's weights
         "swin.name=demo": "grid",
     }
-    for override, message in cases.items():
-        result = launch([*bevt_overrides(bevt_data, tmp_path / "bad"), override])
-        assert result.returncode == 2, (override, result.stderr[-2000:])
-        assert message in result.stderr and "Traceback" not in result.stderr, (
-            override,
-            result.stderr[-2000:],
+    with ThreadPoolExecutor(2) as pool:  # two runs at a time: each is mostly its interpreter's start-up
+        results = pool.map(
+            lambda case: launch([*bevt_overrides(bevt_data, tmp_path / f"bad{case[0]}"), case[1]]),
+            enumerate(cases),
         )
+        for (override, message), result in zip(cases.items(), results, strict=True):
+            assert result.returncode == 2, (override, result.stderr[-2000:])
+            assert message in result.stderr and "Traceback" not in result.stderr, (
+                override,
+                result.stderr[-2000:],
+            )
