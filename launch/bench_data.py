@@ -11,8 +11,9 @@ interleaved runs):
 - ``decord``: a bare decord decode of the same frames straight to the output size, in this process, and
   ``pyav``: PyAV decoding up to the last sampled frame, scaling each sampled frame to the output size.
 Without ``--shards`` it first writes synthetic H.264 shards (``--synthetic``: 64 videos of 256 px and 64
-frames) to a temporary directory: moving shapes on a flat background, or with ``--texture`` a random
-textured scene panning past the camera at 30 fps, which costs a decoder about what camera footage does.
+frames) to a temporary directory: moving shapes on a flat background, or with ``--texture`` a camera
+drifting over and zooming into a random textured scene at 30 fps (``data.synthetic.textured_clip``), which
+costs a decoder about what camera footage does.
 
 ``--short-side S`` also re-encodes the same videos to shorter side S exactly as ``launch.make_shards
 --short-side S`` does (``data.packing.transcode``) and measures the pipeline on those shards too:
@@ -128,7 +129,11 @@ def short_side_shards(urls: list[str], out: Path, short_side: int, crf: int = 23
             if video is None:
                 continue
             members = {name: data for name, data in sample.items() if not name.startswith("__")}
-            members["mp4"] = transcode(members.pop(video), short_side, None, crf)[0]
+            try:
+                members["mp4"] = transcode(members.pop(video), short_side, None, crf)[0]
+            except Exception as exc:  # PyAV cannot re-encode it: said, and left out
+                print(f"note: {sample['__key__']} not re-encoded ({exc}); left out", file=sys.stderr)
+                continue
             shard.add(sample["__key__"], members)
         shard.close()
         written.append(shard.path)
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "--short-side", type=int, help="also measure the videos re-encoded to this shorter side (even)"
     )
     parser.add_argument(
-        "--texture", action="store_true", help="synthetic videos of a panning textured scene, at 30 fps"
+        "--texture", action="store_true", help="synthetic videos: a moving camera over a textured scene"
     )
     parser.add_argument(
         "--synthetic",
@@ -161,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the synthetic shards written without --shards",
     )
     args = parser.parse_args(argv)
+    if args.short_side is not None and (args.short_side < 2 or args.short_side % 2):
+        parser.error(f"--short-side: {args.short_side} must be even and positive (H.264 in yuv420p)")
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = args.shards or synthetic_shards(Path(tmp), *args.synthetic, texture=args.texture)
