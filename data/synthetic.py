@@ -121,7 +121,7 @@ def synthetic_samples(
 def textured_clip(rng: np.random.Generator, height: int, width: int, frames: int) -> np.ndarray:
     """(frames, height, width, 3) uint8: a camera drifting over and zooming in and out of a random scene with
     detail at every scale (blobs, edges, fine grain), so that every frame has sub-pixel motion and a changing
-    scale, as a decoder meets in camera footage, unlike the flat shapes of ``render_clip``. For benchmarks of
+    scale, unlike the flat shapes of ``render_clip``. For benchmarks of
     decoding and packing (H.264 at crf 23: about 150 kbit/s at 320x240)."""
     from PIL import Image
 

@@ -12,8 +12,8 @@ interleaved runs):
   ``pyav``: PyAV decoding up to the last sampled frame, scaling each sampled frame to the output size.
 Without ``--shards`` it first writes synthetic H.264 shards (``--synthetic``: 64 videos of 256 px and 64
 frames) to a temporary directory: moving shapes on a flat background, or with ``--texture`` a camera
-drifting over and zooming into a random textured scene at 30 fps (``data.synthetic.textured_clip``), which
-costs a decoder about what camera footage does.
+drifting over and zooming into a random textured scene at 30 fps (``data.synthetic.textured_clip``): detail at
+every scale and sub-pixel motion, far costlier to decode than the flat shapes.
 
 ``--short-side S`` also re-encodes the same videos to shorter side S exactly as ``launch.make_shards
 --short-side S`` does (``data.packing.transcode``) and measures the pipeline on those shards too:

@@ -3,7 +3,7 @@
     python -m launch.bench_shards [--clips 200] [--size 320x240] [--seconds 6] [--fps 30] [--workers 1 2]
                                   [--repeats 2] [--short-side S] [--dir DIR] [--json bench_shards.json]
 
-Writes ``--clips`` H.264 clips of a textured scene panning past the camera (``data.synthetic.textured_clip``)
+Writes ``--clips`` H.264 clips of a moving camera over a textured scene (``data.synthetic.textured_clip``)
 and their ``path,label`` CSV under ``--dir`` (kept there and reused by later runs; default a temporary
 folder), then runs ``python -m launch.make_shards`` on them once per --workers count, interleaved
 ``--repeats`` times, timing each whole command as its user waits for it (start-up included). Every run must
